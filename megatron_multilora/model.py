@@ -1,0 +1,134 @@
+"""Builds megatron-core's GPTModel (dense or MoE, local non-TE spec) for this rank's pipeline stage."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import platform
+from .config import ModelConfig
+
+
+def transformer_config(
+    model: ModelConfig,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+    **overrides,
+):
+    """The megatron TransformerConfig of a Llama-family model at the given layout (dropout off: LoRA
+    dropout is per tenant; the frozen base is deterministic)."""
+    from megatron.core.transformer import TransformerConfig
+
+    model.validate_layout(
+        tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size, sequence_parallel
+    )
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=model.torch_dtype,
+        bf16=model.params_dtype == "bfloat16",
+        fp16=model.params_dtype == "float16",
+        pipeline_dtype=model.torch_dtype,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=not platform.has_cuda(),
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        # Safe on gloo (batched isend/irecv can hang there) and cheap enough on NCCL.
+        batch_p2p_comm=False,
+        calculate_per_token_loss=True,
+    )
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if model.is_moe:
+        kwargs.update(
+            num_moe_experts=model.num_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=model.moe_shared_expert_gate,
+            moe_router_pre_softmax=model.moe_router_pre_softmax,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            # allgather works with gloo on CPU; alltoall (grouped GEMM) is the GPU choice.
+            moe_token_dispatcher_type="alltoall" if platform.has_cuda() else "allgather",
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm behind megatron's norm signature. megatron's own torch fallback (WrappedTorchNorm,
+    used when apex is absent) refuses sequence parallelism; this one marks its weight like megatron's fused
+    norms do, so a gradient of it (if it were trained) is summed over the tensor-parallel group."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def block_spec(model: ModelConfig, config, vp_stage: int | None = None):
+    """megatron-core's local (non transformer-engine) spec for this stage's layers: the same modules on CPU
+    and GPU, so the LoRA wrappers see one set of linears."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = get_gpt_layer_local_spec(num_experts=model.num_experts, normalization="RMSNorm")
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RMSNorm
+    )
+
+
+def build_gpt_model(model: ModelConfig, config, vp_stage: int | None = None):
+    """The GPTModel chunk of this rank's pipeline stage, on this rank's device."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(model, config, vp_stage),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
+    )
+    return gpt.to(platform.device())
+
+
+def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
+    """megatron's mask convention (True = masked), passed explicitly: its default mask is built on CUDA."""
+    return torch.triu(torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)
+
+
+def position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)

@@ -1,0 +1,66 @@
+"""One call into megatron-core's forward/backward schedules (no pipelining or 1F1B) for our micro-batches.
+
+Loss contract of recent Megatron-LM: the loss function returns token-summed losses and token counts, never a
+mean inside a micro-batch, so whatever normalisation a caller wants (per tenant) happens once, afterwards.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterable
+
+import torch
+
+from . import model as model_lib
+
+
+def token_loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """(loss sum, token count, {'lm loss': [sum, count]}): megatron's per-token loss contract."""
+    losses = per_token_loss.float() * loss_mask
+    loss_sum = losses.sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
+
+
+def forward_backward(
+    model,
+    micro_batches: Iterable[dict],
+    *,
+    num_micro_batches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+    loss_func: Callable = token_loss_func,
+    before_forward: Callable[[dict], None] | None = None,
+    after_forward: Callable[[dict, torch.Tensor], torch.Tensor] | None = None,
+):
+    """Run megatron's schedule over `micro_batches` (dicts with tokens, labels, loss_mask) on this rank's
+    model chunk. `before_forward(batch)` runs right before the model sees a micro-batch (e.g. to install its
+    adapter routing); `after_forward(batch, output)` may hook the output. Returns the schedule's per
+    micro-batch loss reductions (last pipeline stage only)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        if before_forward is not None:
+            before_forward(batch)
+        tokens = batch["tokens"]
+        output = chunk(
+            tokens,
+            model_lib.position_ids(tokens),
+            model_lib.causal_attention_mask(tokens.shape[1], tokens.device),
+            labels=batch["labels"],
+        )
+        if after_forward is not None:
+            output = after_forward(batch, output)
+        return output, partial(loss_func, batch["loss_mask"])
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=num_micro_batches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )

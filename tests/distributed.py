@@ -1,0 +1,61 @@
+"""Run a function in N fresh processes (gloo, one thread each, a free port) and collect what each returns."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import traceback
+
+from megatron_multilora.platform import free_port
+
+
+def _worker(fn, rank, world_size, port, args, results):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        out = fn(*args)
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        from megatron_multilora import platform
+
+        platform.destroy()
+
+
+def run_world(fn, world_size: int, *args, timeout: float = 600.0):
+    """fn(*args) on every rank; returns the list of per-rank results, raises the first rank's error."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outs: dict[int, object] = {}
+    try:
+        while len(outs) < world_size:
+            try:
+                rank, ok, out = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(outs))} did not finish") from None
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{out}")
+            outs[rank] = out
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [outs[r] for r in range(world_size)]
