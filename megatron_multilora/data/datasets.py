@@ -1,0 +1,146 @@
+"""One tenant's training data: a JSONL file turned into fixed-length causal-LM arrays.
+
+Each line is one sample in one of three formats:
+
+* ``{"text": ...}``                         loss on every token;
+* ``{"prompt": ..., "completion": ...}``    loss on the completion only;
+* ``{"input_ids": [...], "loss_mask": [...]}`` pre-tokenized, as RL frameworks hand it over
+  (``loss_mask`` optional, all ones by default).
+
+eos is appended after text and completions. A document's first token is never a target (nothing before it
+in the document predicts it), so padding and packing put loss on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A tenant data file cannot be used; the message names the file and, where it applies, the line."""
+
+
+def load_jsonl(path, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Read and tokenize a tenant file into ``(ids, target_mask)`` pairs, one per sample.
+
+    ``target_mask[j] == 1`` means token ``j`` is predicted with loss. Blank lines are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    samples = []
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: invalid JSON ({e})") from None
+            try:
+                samples.append(_tokenize(record, tokenizer))
+            except ValueError as e:
+                raise DataError(f"{where}: {e}") from None
+    if not samples:
+        raise DataError(f"{path}: no samples (the file is empty)")
+    return samples
+
+
+def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    keys = {k for k in ("text", "prompt", "completion", "input_ids", "loss_mask") if k in record}
+    if keys == {"text"}:
+        ids = tokenizer.encode(_string(record, "text")) + [tokenizer.eos_id]
+        mask = [1] * len(ids)
+    elif keys == {"prompt", "completion"}:
+        prompt = tokenizer.encode(_string(record, "prompt"))
+        completion = tokenizer.encode(_string(record, "completion")) + [tokenizer.eos_id]
+        ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    elif keys in ({"input_ids"}, {"input_ids", "loss_mask"}):
+        ids = _int_list(record, "input_ids")
+        bad = next((i for i in ids if not 0 <= i < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"input_ids contains {bad}, outside the vocabulary of {tokenizer.vocab_size}")
+        mask = _int_list(record, "loss_mask") if "loss_mask" in keys else [1] * len(ids)
+        if len(mask) != len(ids):
+            raise ValueError(f"loss_mask has {len(mask)} entries but input_ids has {len(ids)}")
+        if any(m not in (0, 1) for m in mask):
+            raise ValueError("loss_mask entries must be 0 or 1")
+    else:
+        raise ValueError(
+            f"unknown sample format (keys {sorted(record)}); expected 'text', 'prompt' + 'completion', "
+            "or 'input_ids' with optional 'loss_mask'"
+        )
+    if len(ids) < 2:
+        raise ValueError(f"sample has {len(ids)} token(s); at least 2 are needed to predict anything")
+    mask[0] = 0
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.float32)
+
+
+def _string(record: dict, key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _int_list(record: dict, key: str) -> list[int]:
+    value = record[key]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"'{key}' must be a list of integers")
+    return list(value)
+
+
+class TenantDataset:
+    """A tenant's samples as fixed-length ``tokens`` / ``labels`` / ``loss_mask`` rows, held in memory.
+
+    Padding (default): one sample per row, truncated to ``seq_length + 1`` ids, padded with ``pad_id``.
+    Packing (``pack=True``): the tenant's samples are concatenated (eos between documents) and cut into
+    windows that overlap by one id, so every token after the first is a label exactly once; the last
+    window is padded. Attention is not reset at document boundaries.
+    """
+
+    def __init__(self, path, tokenizer, seq_length: int, *, pack: bool = False):
+        if seq_length < 1:
+            raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+        samples = load_jsonl(path, tokenizer)
+        self.path = Path(path)
+        self.seq_length = seq_length
+        self.pad_id = tokenizer.pad_id
+        self.num_documents = len(samples)
+        width = seq_length + 1
+        if pack:
+            eos = tokenizer.eos_id
+            # Text and completions already end with eos; pre-tokenized samples may not.
+            ended = [(i, m) if i[-1] == eos else (np.append(i, eos), np.append(m, 0)) for i, m in samples]
+            ids = np.concatenate([i for i, _ in ended])
+            mask = np.concatenate([m for _, m in ended]).astype(np.float32)
+            rows = (len(ids) - 2) // seq_length + 1  # ceil((len - 1) / seq_length): labels are ids[1:]
+            span = rows * seq_length + 1
+            ids = np.concatenate([ids, np.full(span - len(ids), self.pad_id, dtype=np.int64)])
+            mask = np.concatenate([mask, np.zeros(span - len(mask), dtype=np.float32)])
+            index = np.arange(rows)[:, None] * seq_length + np.arange(width)
+            self._ids, self._mask = ids[index], mask[index]
+        else:
+            self._ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
+            self._mask = np.zeros((len(samples), width), dtype=np.float32)
+            for row, (ids, mask) in enumerate(samples):
+                n = min(len(ids), width)
+                self._ids[row, :n], self._mask[row, :n] = ids[:n], mask[:n]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, mask = self._ids[i], self._mask[i]
+        return {
+            "tokens": torch.tensor(ids[:-1]),
+            "labels": torch.tensor(ids[1:]),
+            "loss_mask": torch.tensor(mask[1:]),
+        }

@@ -1,0 +1,43 @@
+"""LoRA gradients after all micro-batches of a step: sum the partial ones, like megatron's finalize_model_grads.
+
+Gradients are token-SUMS (never means) until the optimizer scales each slot by its own token count, so plain
+all-reduce sums are exactly right: over the data-parallel group (the expert-data-parallel group for expert
+LoRA), and over the tensor-parallel group for replicated factors whose gradient came from a sequence shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def zero_grads(params) -> None:
+    """Allocate (once) and zero the gradient buffers; the LoRA ops accumulate into them."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.zero_()
+
+
+def _all_reduce_coalesced(tensors, group) -> None:
+    if not tensors or dist.get_world_size(group) == 1:
+        return
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(synced)
+
+
+def sync_grads(params) -> None:
+    from megatron.core import parallel_state as ps
+
+    grads = [p.grad for p in params]
+    _all_reduce_coalesced(
+        [p.grad for p in params if getattr(p, "sequence_parallel", False)], ps.get_tensor_model_parallel_group()
+    )
+    expert = [g for p, g in zip(params, grads) if getattr(p, "norm_group", "dense") == "expert"]
+    dense = [g for p, g in zip(params, grads) if getattr(p, "norm_group", "dense") != "expert"]
+    _all_reduce_coalesced(dense, ps.get_data_parallel_group())
+    _all_reduce_coalesced(expert, ps.get_expert_data_parallel_group())

@@ -1,0 +1,85 @@
+"""AdapterRouting: which slot each sample of one micro-batch belongs to, and the segments each layer runs.
+
+A routing is built once per micro-batch from the slot table as it is then (ranks, scales, targets are copied
+into its segments), so nothing it says can change under it. The layers read the routing that is *active*:
+`forward_step` activates it right before the model sees the micro-batch, and `bind_to_backward` re-activates it
+when that micro-batch's backward starts, so activation recompute (which re-runs forward inside backward,
+possibly after other micro-batches' forwards under 1F1B) sees the right one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .ops import Segment
+
+NO_ADAPTER = -1  # a sample that uses the base model only (padding, reference log-probs)
+
+_active: "AdapterRouting | None" = None
+
+
+class AdapterRouting:
+    def __init__(self, sample_slots, table):
+        slots = [int(s) for s in (sample_slots.tolist() if torch.is_tensor(sample_slots) else sample_slots)]
+        self.sample_slots = torch.tensor(slots, dtype=torch.long)
+        runs = _contiguous_runs(slots)
+        self._segments: dict[str, list[Segment]] = {}
+        for kind in table.target_modules:
+            segs = []
+            for slot, start, end in runs:
+                record = table.at(slot) if slot != NO_ADAPTER else None
+                if slot != NO_ADAPTER and record is None:
+                    raise ValueError(f"samples {start}..{end - 1} are routed to slot {slot}, which no tenant holds")
+                if record is not None and kind in record.targets:
+                    spec = record.spec
+                    segs.append(Segment(slot, start, end, spec.rank, spec.scale, spec.dropout))
+            self._segments[kind] = segs
+
+    def segments(self, kind: str) -> list[Segment]:
+        return self._segments.get(kind, [])
+
+    def token_slots(self, seq_length: int) -> torch.Tensor:
+        """The slot of every token of a [seq, batch] micro-batch flattened sequence-major (megatron's order)."""
+        return self.sample_slots.repeat(seq_length)
+
+    @contextlib.contextmanager
+    def active(self):
+        global _active
+        previous, _active = _active, self
+        try:
+            yield self
+        finally:
+            _active = previous
+
+    def activate(self) -> None:
+        global _active
+        _active = self
+
+    def bind_to_backward(self, output: torch.Tensor) -> torch.Tensor:
+        """Make this routing active while `output`'s backward runs (for activation recompute)."""
+        if output.requires_grad:
+            def hook(grad):
+                self.activate()
+                return grad
+
+            output.register_hook(hook)
+        return output
+
+
+def current() -> AdapterRouting | None:
+    return _active
+
+
+def _contiguous_runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    runs, seen = [], set()
+    for i, s in enumerate(slots):
+        if runs and runs[-1][0] == s:
+            runs[-1][2] = i + 1
+            continue
+        if s in seen and s != NO_ADAPTER:
+            raise ValueError(f"samples of slot {s} are not contiguous in the micro-batch {slots}: group them by slot")
+        seen.add(s)
+        runs.append([s, i, i + 1])
+    return [tuple(r) for r in runs]

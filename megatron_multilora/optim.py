@@ -1,0 +1,732 @@
+"""Per-slot AdamW for multi-LoRA training.
+
+Every LoRA parameter is a tensor whose dim 0 is the slot (``[max_slots, ...]``); slot ``k`` of a
+parameter is ``param[k]``.  :class:`SlotOptimizer` gives every slot (tenant) the update it would get
+from its own ``torch.optim.AdamW`` preceded by Megatron-style gradient clipping:
+
+* its gradient is multiplied by ``grad_scale[k]`` (e.g. 1 / the tenant's token count, since the
+  losses are token sums);
+* its own L2 grad norm over all parameters (distributed: see ``grad_sq_norm_reduce``); a non-finite
+  norm skips that slot only;
+* clipping to its own ``clip_grad`` (Megatron: ``coef = clip / (norm + 1e-6)`` if ``< 1``);
+* AdamW (decoupled weight decay) with its own betas / eps / weight decay, bias correction from its own
+  step count and the learning rate from its own schedule at its own step.
+
+Isolation: rows of slots that do not step (inactive or skipped) are never written -- weights, fp32
+master weights, moments and step counts stay bitwise unchanged.  Rows are touched only through
+views of a contiguous run of stepping slots or ``index_select`` / ``index_copy_``; no arithmetic
+ever runs on a row that is not stepping.
+
+The math is vectorised over slots: per-slot hyper-parameters are ``[n, 1, ..., 1]`` tensors (or plain
+scalars when all stepping slots agree) fed to ``torch._foreach_*`` ops across parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "DECAY_STYLES",
+    "LRSchedule",
+    "SlotHyperParams",
+    "StepReport",
+    "SlotOptimizer",
+    "default_grad_sq_norm_reduce",
+]
+
+DECAY_STYLES = ("constant", "linear", "cosine")
+# Megatron's clip_grad_by_total_norm_fp32 (and torch.nn.utils.clip_grad_norm_) add this to the norm.
+_CLIP_NORM_EPS = 1.0e-6
+_STEP_KEY = "step"
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_MASTER_KEY = "master"
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Off CPU, up to this many contiguous runs of stepping slots are updated in place through views
+# (one set of foreach calls per run); more runs are gathered / scattered with index ops instead.
+# On CPU views always win (gathering allocates, and fresh CPU memory costs page faults).
+_MAX_VIEW_RUNS_ACCEL = 4
+
+
+def _check_real(name: str, value, *, minimum: Optional[float] = None, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None:
+        if strict and not value > minimum:
+            raise ValueError(f"{name} must be > {minimum}, got {value}")
+        if not strict and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_int(name: str, value, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LRSchedule:
+    """A tenant's learning-rate schedule, with the semantics of megatron-core's
+    ``OptimizerParamScheduler.get_lr`` (``init_lr = warmup_init_lr``, ``max_lr = lr``).
+
+    ``lr_at(step)`` takes the number of optimizer steps this tenant has COMPLETED (as Megatron's
+    ``num_steps``, which is advanced after each successful ``optimizer.step()``): the tenant's first
+    update uses ``lr_at(0)``, its n-th update ``lr_at(n - 1)``.  Consequence inherited from Megatron:
+    with ``warmup_iters > 0`` and ``warmup_init_lr == 0`` the first update has lr 0 (moments still
+    move).
+
+    * warm-up: linear from ``warmup_init_lr`` to ``lr`` for ``step <= warmup_iters``;
+    * ``decay_style == "constant"`` or ``decay_iters is None``: ``lr`` after warm-up;
+    * otherwise linear / cosine from ``lr`` to ``min_lr`` over ``decay_iters - warmup_iters`` steps,
+      and ``min_lr`` for ``step > decay_iters``.
+    """
+
+    lr: float
+    min_lr: float = 0.0
+    warmup_iters: int = 0
+    decay_iters: Optional[int] = None
+    decay_style: str = "linear"
+    warmup_init_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.lr = _check_real("LRSchedule.lr", self.lr, minimum=0.0)
+        self.min_lr = _check_real("LRSchedule.min_lr", self.min_lr, minimum=0.0)
+        self.warmup_init_lr = _check_real("LRSchedule.warmup_init_lr", self.warmup_init_lr, minimum=0.0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"LRSchedule.min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.warmup_init_lr > self.lr:
+            raise ValueError(
+                f"LRSchedule.warmup_init_lr ({self.warmup_init_lr}) must be <= lr ({self.lr})"
+            )
+        _check_int("LRSchedule.warmup_iters", self.warmup_iters, minimum=0)
+        if self.decay_iters is not None:
+            _check_int("LRSchedule.decay_iters", self.decay_iters, minimum=1)
+            if self.decay_iters <= self.warmup_iters:
+                raise ValueError(
+                    f"LRSchedule.decay_iters ({self.decay_iters}) must be > warmup_iters "
+                    f"({self.warmup_iters}), or None for no decay"
+                )
+        if self.decay_style not in DECAY_STYLES:
+            raise ValueError(
+                f"LRSchedule.decay_style must be one of {DECAY_STYLES}, got {self.decay_style!r}"
+            )
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate after ``step`` completed steps of this tenant (see class doc)."""
+        if isinstance(step, torch.Tensor):
+            step = int(step.item())
+        _check_int("step", step, minimum=0)
+        max_lr, min_lr, init_lr = self.lr, self.min_lr, self.warmup_init_lr
+        warmup = self.warmup_iters
+        # Same expressions, same order as megatron.core.optimizer_param_scheduler.get_lr.
+        if warmup > 0 and step <= warmup:
+            return init_lr + ((max_lr - init_lr) * float(step) / float(warmup))
+        if self.decay_style == "constant" or self.decay_iters is None:
+            return max_lr
+        if step > self.decay_iters:
+            return min_lr
+        decay_ratio = float(step - warmup) / float(self.decay_iters - warmup)
+        delta_lr = max_lr - min_lr
+        if self.decay_style == "linear":
+            coeff = 1.0 - decay_ratio
+        else:  # cosine
+            coeff = 0.5 * (math.cos(math.pi * decay_ratio) + 1.0)
+        return min_lr + coeff * delta_lr
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-slot hyper-parameters
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SlotHyperParams:
+    """One tenant's optimizer settings.  ``clip_grad`` of 0 or None disables clipping."""
+
+    schedule: LRSchedule
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.schedule, LRSchedule):
+            raise TypeError(
+                f"SlotHyperParams.schedule must be an LRSchedule, got {type(self.schedule).__name__}"
+            )
+        self.schedule.validate()
+        self.weight_decay = _check_real("SlotHyperParams.weight_decay", self.weight_decay, minimum=0.0)
+        betas = self.betas
+        if isinstance(betas, torch.Tensor) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"SlotHyperParams.betas must be a pair (beta1, beta2), got {betas!r}")
+        b1 = _check_real("SlotHyperParams.betas[0]", betas[0], minimum=0.0)
+        b2 = _check_real("SlotHyperParams.betas[1]", betas[1], minimum=0.0)
+        for i, b in enumerate((b1, b2)):
+            if not b < 1.0:
+                raise ValueError(f"SlotHyperParams.betas[{i}] must be in [0, 1), got {b}")
+        self.betas = (b1, b2)
+        # eps must be > 0: zero-padded rank rows have zero moments, and 0 / (0 + 0) would be NaN.
+        self.eps = _check_real("SlotHyperParams.eps", self.eps, minimum=0.0, strict=True)
+        if self.clip_grad is not None:
+            self.clip_grad = _check_real("SlotHyperParams.clip_grad", self.clip_grad, minimum=0.0)
+
+    @property
+    def clipping(self) -> bool:
+        return bool(self.clip_grad)
+
+
+@dataclass
+class StepReport:
+    """Outcome of :meth:`SlotOptimizer.step`; every field is a CPU tensor of shape ``[num_slots]``.
+
+    * ``grad_norm``: float64, L2 norm of the slot's SCALED gradient before clipping (after the
+      distributed reduction); may be inf/nan for skipped slots; 0 for inactive slots.
+    * ``lr``: float64, learning rate of this step for active slots (what a skipped slot would have
+      used); 0 for inactive slots.
+    * ``clip_coef``: float64, clipping factor applied (1.0 = not clipped); 1.0 where not stepped.
+    * ``skipped``: bool, active but the grad norm was not finite (slot left untouched).
+    * ``stepped``: bool, active and updated.
+    """
+
+    grad_norm: torch.Tensor
+    lr: torch.Tensor
+    clip_coef: torch.Tensor
+    skipped: torch.Tensor
+    stepped: torch.Tensor
+
+
+def default_grad_sq_norm_reduce(sq_norms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Single-process reduction: total squared norm per slot = sum over norm groups."""
+    values = list(sq_norms.values())
+    if not values:
+        raise ValueError("no norm groups to reduce")
+    total = values[0].clone()
+    for v in values[1:]:
+        total += v
+    return total
+
+
+ParamsArg = Union[Mapping[str, torch.nn.Parameter], Sequence[Tuple[str, torch.nn.Parameter]]]
+ScalarOrViews = Union[float, List[torch.Tensor]]
+
+
+def _uniform(values: Sequence[float]) -> Optional[float]:
+    first = values[0]
+    return first if all(v == first for v in values) else None
+
+
+def _bitwise_int_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
+
+
+# --------------------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------------------
+class SlotOptimizer:
+    """AdamW over slot-major LoRA parameters, one independent optimizer per slot.
+
+    Args:
+        params: ``{name: Parameter}`` or ``[(name, Parameter), ...]``; every parameter has dim 0 of
+            size ``num_slots``.  Names are the stable keys of :meth:`slot_state`.
+            Attributes read at each step: ``norm_group`` (str, default ``"dense"``) and
+            ``norm_duplicate`` (bool: this copy is also counted by another rank; excluded from the
+            local norm).
+        num_slots: number of slots ``S``.
+        grad_sq_norm_reduce: ``f({group: Tensor[S] squared norms}) -> Tensor[S]`` total squared norm
+            per slot after the caller's all-reduces (the dict is in sorted group order and always
+            holds every group that appears among ``params``, zeros where nothing counts locally).
+            Default: sum of the values (single process).
+
+    Gradients are read from ``param.grad`` (a missing grad counts as zeros for a stepping slot).
+    Non-fp32 parameters (bf16 / fp16) get an fp32 master copy; after a step only the stepped rows are
+    written back (cast) into the parameter.  If something else writes into such a parameter through
+    an in-place op on the parameter itself (which bumps its version counter), the rows whose
+    contents no longer equal the cast master are re-synchronised from the parameter at the next call;
+    writes through ``param.data`` are invisible to that check: call :meth:`sync_slot_from_params`.
+    """
+
+    def __init__(
+        self,
+        params: ParamsArg,
+        num_slots: int,
+        *,
+        grad_sq_norm_reduce: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None,
+    ) -> None:
+        _check_int("num_slots", num_slots, minimum=1)
+        self._num_slots = num_slots
+        named = self._normalise_params(params)
+        self._names: List[str] = [n for n, _ in named]
+        self._params: List[torch.Tensor] = [p for _, p in named]
+        self._index: Dict[str, int] = {n: i for i, n in enumerate(self._names)}
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        self.device: torch.device = devices.pop()
+        for name, p in named:
+            if p.dim() < 1 or p.shape[0] != num_slots:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(p.shape)}; dim 0 must be the slot "
+                    f"dimension of size num_slots={num_slots}"
+                )
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; supported: {_SUPPORTED_DTYPES}")
+        with torch.no_grad():
+            self._exp_avg = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in self._params]
+            self._exp_avg_sq = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in self._params]
+            self._master: List[Optional[torch.Tensor]] = [
+                None if p.dtype == torch.float32 else p.detach().to(torch.float32, copy=True)
+                for p in self._params
+            ]
+        self._master_version: List[int] = [p._version for p in self._params]
+        # fp32 scratch per parameter (the scaled gradient, then Adam's denominator), allocated at the
+        # first step and kept: re-allocating it every step costs more than the math on CPU.
+        self._work: List[Optional[torch.Tensor]] = [None] * len(self._params)
+        self._hparams: List[Optional[SlotHyperParams]] = [None] * num_slots
+        self._steps: List[int] = [0] * num_slots
+        self._reduce = grad_sq_norm_reduce or default_grad_sq_norm_reduce
+        #: how many contiguous runs of stepping slots may be updated through views before switching
+        #: to gather / scatter; None = automatic (see _MAX_VIEW_RUNS_ACCEL).  Results are identical.
+        self.max_view_runs: Optional[int] = None
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _normalise_params(params: ParamsArg) -> List[Tuple[str, torch.Tensor]]:
+        if isinstance(params, Mapping):
+            items = list(params.items())
+        elif isinstance(params, torch.Tensor):
+            raise TypeError("params must be a dict name -> Parameter or a list of (name, Parameter) pairs")
+        else:
+            items = list(params)
+            for it in items:
+                if not (isinstance(it, (tuple, list)) and len(it) == 2):
+                    raise TypeError(
+                        "params must be a dict name -> Parameter or a list of (name, Parameter) "
+                        f"pairs; got an element of type {type(it).__name__}"
+                    )
+        if not items:
+            raise ValueError("SlotOptimizer got no parameters")
+        seen = set()
+        out = []
+        for name, p in items:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"parameter names must be non-empty strings, got {name!r}")
+            if name in seen:
+                raise ValueError(f"duplicate parameter name {name!r}")
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
+            seen.add(name)
+            out.append((name, p))
+        ids = [id(p) for _, p in out]
+        if len(set(ids)) != len(ids):
+            raise ValueError("the same parameter tensor is listed under two names")
+        return out
+
+    # ------------------------------------------------------------------ slot management
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+    @property
+    def param_names(self) -> List[str]:
+        return list(self._names)
+
+    def _check_slot(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"slot index must be an int, got {type(k).__name__}")
+        if not 0 <= k < self._num_slots:
+            raise IndexError(f"slot {k} out of range [0, {self._num_slots})")
+        return k
+
+    def configure_slot(self, k: int, hparams: SlotHyperParams) -> None:
+        """Set slot ``k``'s hyper-parameters (a validated private copy is kept).  Does not reset its
+        state: use :meth:`reset_slot` for a new tenant."""
+        self._check_slot(k)
+        if not isinstance(hparams, SlotHyperParams):
+            raise TypeError(f"hparams must be a SlotHyperParams, got {type(hparams).__name__}")
+        hp = copy.deepcopy(hparams)
+        hp.validate()
+        self._hparams[k] = hp
+
+    def slot_hparams(self, k: int) -> Optional[SlotHyperParams]:
+        self._check_slot(k)
+        return copy.deepcopy(self._hparams[k])
+
+    def slot_step_count(self, k: int) -> int:
+        self._check_slot(k)
+        return self._steps[k]
+
+    @torch.no_grad()
+    def reset_slot(self, k: int, *, keep_hparams: bool = False) -> None:
+        """Forget slot ``k``: zero its moments and step count, drop its hyper-parameters (unless
+        ``keep_hparams``) and re-read its master row from the parameter.  Only row ``k`` is written.
+        Weights are not touched (re-initialising them is the caller's job)."""
+        self._check_slot(k)
+        for m, v in zip(self._exp_avg, self._exp_avg_sq):
+            m[k].zero_()
+            v[k].zero_()
+        self._steps[k] = 0
+        if not keep_hparams:
+            self._hparams[k] = None
+        self.sync_slot_from_params(k)
+
+    @torch.no_grad()
+    def sync_slot_from_params(self, k: Optional[int] = None) -> None:
+        """Re-read the fp32 master rows of slot ``k`` (all slots if None) from the (bf16/fp16)
+        parameters, after the caller wrote weights into them (e.g. init or checkpoint load)."""
+        if k is not None:
+            self._check_slot(k)
+        self._resync_masters()
+        for i, (p, master) in enumerate(zip(self._params, self._master)):
+            if master is None:
+                continue
+            if k is None:
+                master.copy_(p.detach())
+            else:
+                master[k].copy_(p.detach()[k])
+            self._master_version[i] = p._version
+
+    @torch.no_grad()
+    def _resync_masters(self) -> None:
+        for i, (p, master) in enumerate(zip(self._params, self._master)):
+            if master is None or p._version == self._master_version[i]:
+                continue
+            ity = _bitwise_int_dtype(p.dtype)
+            pd = p.detach()
+            differs = master.to(p.dtype).view(ity) != pd.view(ity)
+            rows = differs.reshape(differs.shape[0], -1).any(dim=1).nonzero().flatten()
+            if rows.numel():
+                master.index_copy_(0, rows, pd.index_select(0, rows).to(torch.float32))
+            self._master_version[i] = p._version
+
+    # ------------------------------------------------------------------ per-tenant checkpoint
+    @torch.no_grad()
+    def slot_state(self, k: int) -> Dict[str, torch.Tensor]:
+        """Optimizer state of slot ``k``: ``{name}.exp_avg``, ``{name}.exp_avg_sq`` (fp32, shape
+        ``param.shape[1:]``), ``{name}.master`` for non-fp32 params, and ``step`` (int64 scalar).
+        Tensors are copies on the parameters' device."""
+        self._check_slot(k)
+        self._resync_masters()
+        state: Dict[str, torch.Tensor] = {}
+        for i, name in enumerate(self._names):
+            state[f"{name}.exp_avg"] = self._exp_avg[i][k].clone()
+            state[f"{name}.exp_avg_sq"] = self._exp_avg_sq[i][k].clone()
+            if self._master[i] is not None:
+                state[f"{name}.{_MASTER_KEY}"] = self._master[i][k].clone()
+        state[_STEP_KEY] = torch.tensor(self._steps[k], dtype=torch.int64)
+        return state
+
+    @torch.no_grad()
+    def load_slot_state(self, k: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a :meth:`slot_state` dict into slot ``k`` (any slot index).  Everything is validated
+        before anything is written; only row ``k`` is written.  ``{name}.master`` entries are optional:
+        when present for a bf16/fp16 parameter they set both the master row and the parameter row
+        (cast); when absent the master row is re-read from the parameter; for fp32 parameters they
+        are ignored.  Hyper-parameters are not part of the state (use :meth:`configure_slot`)."""
+        self._check_slot(k)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of tensors, got {type(state).__name__}")
+        expected = {_STEP_KEY}
+        for name in self._names:
+            expected.update(f"{name}.{key}" for key in _MOMENT_KEYS)
+        optional = {f"{name}.{_MASTER_KEY}" for name in self._names}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected - optional)
+        if missing or unexpected:
+            raise KeyError(
+                f"slot state does not match this optimizer: missing keys {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''}"
+            )
+        step = state[_STEP_KEY]
+        step_val = int(step.item()) if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+        if isinstance(step_val, bool) or not isinstance(step_val, int) or step_val < 0:
+            raise ValueError(f"slot state 'step' must be a non-negative integer scalar, got {step!r}")
+        for key, value in state.items():
+            if key == _STEP_KEY:
+                continue
+            name = key.rsplit(".", 1)[0]
+            p = self._params[self._index[name]]
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise TypeError(f"slot state {key!r} must be a floating-point tensor")
+            if tuple(value.shape) != tuple(p.shape[1:]):
+                raise ValueError(
+                    f"slot state {key!r} has shape {tuple(value.shape)} but parameter {name!r} "
+                    f"has per-slot shape {tuple(p.shape[1:])} (different max rank / layout?)"
+                )
+        self._resync_masters()
+        for i, name in enumerate(self._names):
+            self._exp_avg[i][k].copy_(state[f"{name}.exp_avg"])
+            self._exp_avg_sq[i][k].copy_(state[f"{name}.exp_avg_sq"])
+            master = self._master[i]
+            if master is None:
+                continue
+            mkey = f"{name}.{_MASTER_KEY}"
+            p = self._params[i]
+            if mkey in state:
+                master[k].copy_(state[mkey])
+                p.detach()[k].copy_(master[k])
+            else:
+                master[k].copy_(p.detach()[k])
+            self._master_version[i] = p._version
+        self._steps[k] = step_val
+
+    # ------------------------------------------------------------------ the step
+    def _vector(self, values: Sequence[float], nd_views: Iterable[int]) -> ScalarOrViews:
+        """A scalar if all values agree, else per-parameter ``[n, 1, ..., 1]`` fp32 views."""
+        u = _uniform(values)
+        if u is not None:
+            return u
+        t = torch.tensor(values, dtype=torch.float64).to(dtype=torch.float32, device=self.device)
+        views = {nd: t.view((-1,) + (1,) * (nd - 1)) for nd in nd_views}
+        return [views[p.dim()] for p in self._params]
+
+    @torch.no_grad()
+    def step(self, grad_scale, active) -> StepReport:
+        """One optimizer step for every active slot (see module doc).  ``grad_scale``: float
+        ``[S]``; ``active``: bool ``[S]``.  Raises if an active slot is not configured."""
+        S = self._num_slots
+        scale = torch.as_tensor(grad_scale).detach().to("cpu", torch.float64)
+        act = torch.as_tensor(active).detach().to("cpu")
+        if tuple(scale.shape) != (S,):
+            raise ValueError(f"grad_scale must have shape [{S}], got {tuple(scale.shape)}")
+        if act.dtype != torch.bool or tuple(act.shape) != (S,):
+            raise ValueError(f"active must be a bool tensor of shape [{S}], got {act.dtype} {tuple(act.shape)}")
+        active_idx = act.nonzero().flatten().tolist()
+        unconfigured = [k for k in active_idx if self._hparams[k] is None]
+        if unconfigured:
+            raise RuntimeError(f"slots {unconfigured} are active but not configured (configure_slot)")
+
+        grad_norm = torch.zeros(S, dtype=torch.float64)
+        lr_rep = torch.zeros(S, dtype=torch.float64)
+        clip_rep = torch.ones(S, dtype=torch.float64)
+        skipped = torch.zeros(S, dtype=torch.bool)
+        stepped = torch.zeros(S, dtype=torch.bool)
+        if not active_idx:
+            return StepReport(grad_norm, lr_rep, clip_rep, skipped, stepped)
+        self._resync_masters()
+
+        # ---- per-slot squared norms of the raw grads, computed on all rows (so a slot's norm never
+        # depends on which other slots are active), scaled afterwards: ||s g||^2 = s^2 ||g||^2.
+        grads: List[Optional[torch.Tensor]] = []
+        sq_by_group: Dict[str, Optional[torch.Tensor]] = {}
+        for name, p in zip(self._names, self._params):
+            g = p.grad
+            if g is not None and g.shape != p.shape:
+                raise ValueError(f"grad of {name!r} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
+            grads.append(g)
+            group = getattr(p, "norm_group", "dense")
+            if not isinstance(group, str):
+                raise TypeError(f"norm_group of {name!r} must be a string, got {group!r}")
+            sq_by_group.setdefault(group, None)
+            if g is None or getattr(p, "norm_duplicate", False):
+                continue
+            if g.dim() == 1:
+                sq = g.to(torch.float32).square()
+            else:
+                n = torch.linalg.vector_norm(g, 2, dim=tuple(range(1, g.dim())), dtype=torch.float32)
+                sq = n * n
+            acc = sq_by_group[group]
+            sq_by_group[group] = sq if acc is None else acc.add_(sq)
+        act_dev = act.to(self.device)
+        scale_sq = (scale * scale).to(device=self.device, dtype=torch.float32)
+        sq_dict: Dict[str, torch.Tensor] = {}
+        for group in sorted(sq_by_group):
+            acc = sq_by_group[group]
+            if acc is None:
+                sq_dict[group] = torch.zeros(S, dtype=torch.float32, device=self.device)
+            else:
+                # torch.where, not a product: inactive rows may hold inf/nan garbage.
+                sq_dict[group] = torch.where(act_dev, acc * scale_sq, torch.zeros_like(acc))
+        total = self._reduce(sq_dict)
+        if not isinstance(total, torch.Tensor) or total.numel() != S:
+            raise ValueError(f"grad_sq_norm_reduce must return a tensor of {S} squared norms")
+        total = total.detach().reshape(S).to("cpu", torch.float64)  # the one host sync
+        norms = total.sqrt()
+        finite = torch.isfinite(norms)
+        grad_norm = torch.where(act, norms, grad_norm)
+        skipped = act & ~finite
+        stepped = act & finite
+
+        # ---- per-slot scalars of the stepping slots (Python over slots, never over elements).
+        idx = stepped.nonzero().flatten().tolist()
+        for k in active_idx:
+            lr_rep[k] = self._hparams[k].schedule.lr_at(self._steps[k])
+        if not idx:
+            return StepReport(grad_norm, lr_rep, clip_rep, skipped, stepped)
+        coef, w1, w2, decay, bc2_sqrt, eps, neg_step = [], [], [], [], [], [], []
+        for k in idx:
+            hp = self._hparams[k]
+            b1, b2 = hp.betas
+            lr = lr_rep[k].item()
+            t = self._steps[k] + 1
+            c = 1.0
+            if hp.clipping:
+                c_try = hp.clip_grad / (norms[k].item() + _CLIP_NORM_EPS)
+                if c_try < 1.0:
+                    c = c_try
+            clip_rep[k] = c
+            coef.append(scale[k].item() * c)
+            w1.append(1.0 - b1)
+            w2.append(1.0 - b2)
+            decay.append(1.0 - lr * hp.weight_decay)
+            bc2_sqrt.append((1.0 - b2 ** t) ** 0.5)
+            eps.append(hp.eps)
+            neg_step.append(-(lr / (1.0 - b1 ** t)))
+
+        per_slot = {
+            "coef": coef, "w1": w1, "w2": w2, "decay": decay,
+            "bc2_sqrt": bc2_sqrt, "eps": eps, "neg_step": neg_step,
+        }
+
+        # ---- which rows: each contiguous run of stepping slots is updated in place through views;
+        # with many runs, the stepping rows are gathered, updated and scattered back instead.
+        runs = _contiguous_runs(idx)
+        max_runs = self.max_view_runs
+        if max_runs is None:
+            max_runs = len(runs) if self.device.type == "cpu" else _MAX_VIEW_RUNS_ACCEL
+        if len(runs) <= max_runs:
+            pos = 0
+            for lo, n in runs:
+                vals = {key: v[pos:pos + n] for key, v in per_slot.items()}
+                self._update_rows(grads, vals, lo=lo, n=n)
+                pos += n
+        else:
+            self._update_rows(grads, per_slot, idx=idx)
+        for k in idx:
+            self._steps[k] += 1
+        return StepReport(grad_norm, lr_rep, clip_rep, skipped, stepped)
+
+    def _workspace(self, i: int) -> torch.Tensor:
+        w = self._work[i]
+        if w is None:
+            w = torch.empty(self._params[i].shape, dtype=torch.float32, device=self.device)
+            self._work[i] = w
+        return w
+
+    def _update_rows(
+        self,
+        grads: List[Optional[torch.Tensor]],
+        vals: Dict[str, List[float]],
+        *,
+        lo: int = 0,
+        n: int = 0,
+        idx: Optional[List[int]] = None,
+    ) -> None:
+        """AdamW on rows ``lo:lo+n`` (views, in place) or on rows ``idx`` (gather / scatter)."""
+        gather = idx is not None
+        if gather:
+            n = len(idx)
+            idx_dev = torch.tensor(idx, dtype=torch.long, device=self.device)
+        nds = {p.dim() for p in self._params}
+        vec = {key: self._vector(v, nds) for key, v in vals.items()}
+        coef = vec["coef"]
+        ps, ms, vs, ws = [], [], [], []
+        for i, p in enumerate(self._params):
+            master = self._master[i]
+            src = p.detach() if master is None else master
+            g = grads[i]
+            c = coef if not isinstance(coef, list) else coef[i]
+            if gather:
+                ps.append(src.index_select(0, idx_dev))
+                ms.append(self._exp_avg[i].index_select(0, idx_dev))
+                vs.append(self._exp_avg_sq[i].index_select(0, idx_dev))
+                w = self._workspace(i).narrow(0, 0, n)
+                g_rows = None if g is None else g.index_select(0, idx_dev)
+            else:
+                ps.append(src.narrow(0, lo, n))
+                ms.append(self._exp_avg[i].narrow(0, lo, n))
+                vs.append(self._exp_avg_sq[i].narrow(0, lo, n))
+                w = self._workspace(i).narrow(0, lo, n)
+                g_rows = None if g is None else g.narrow(0, lo, n)
+            # w <- grad * (grad_scale * clip_coef), in fp32 (a missing grad counts as zeros)
+            if g_rows is None:
+                w.zero_()
+            elif g_rows.dtype == torch.float32:
+                torch.mul(g_rows, c, out=w)
+            else:
+                w.copy_(g_rows)
+                w.mul_(c)
+            ws.append(w)
+
+        _adamw_rows_(
+            ps, ms, vs, ws,
+            w1=vec["w1"], w2=vec["w2"], decay=vec["decay"],
+            apply_decay=any(d != 1.0 for d in vals["decay"]),
+            bc2_sqrt=vec["bc2_sqrt"], eps=vec["eps"], neg_step=vec["neg_step"],
+        )
+
+        # ---- write back (rows of non-stepping slots are never written).
+        for i, p in enumerate(self._params):
+            master = self._master[i]
+            pd = p.detach()
+            if gather:
+                self._exp_avg[i].index_copy_(0, idx_dev, ms[i])
+                self._exp_avg_sq[i].index_copy_(0, idx_dev, vs[i])
+                if master is None:
+                    pd.index_copy_(0, idx_dev, ps[i])
+                else:
+                    master.index_copy_(0, idx_dev, ps[i])
+                    pd.index_copy_(0, idx_dev, ps[i].to(p.dtype))
+            elif master is not None:
+                pd.narrow(0, lo, n).copy_(ps[i])
+            self._master_version[i] = p._version
+
+
+def _contiguous_runs(idx: List[int]) -> List[Tuple[int, int]]:
+    """Sorted slot indices -> [(start, length)] of maximal contiguous runs."""
+    runs: List[Tuple[int, int]] = []
+    for k in idx:
+        if runs and runs[-1][0] + runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((k, 1))
+    return runs
+
+
+def _adamw_rows_(
+    ps: List[torch.Tensor],
+    ms: List[torch.Tensor],
+    vs: List[torch.Tensor],
+    ws: List[torch.Tensor],
+    *,
+    w1: ScalarOrViews,
+    w2: ScalarOrViews,
+    decay: ScalarOrViews,
+    apply_decay: bool,
+    bc2_sqrt: ScalarOrViews,
+    eps: ScalarOrViews,
+    neg_step: ScalarOrViews,
+) -> None:
+    """In-place AdamW on fp32 row blocks: ``ws`` holds the scaled, clipped gradient on entry and is
+    used as scratch.  Every factor is a Python scalar or a list of broadcastable per-row views; the
+    same elementwise operations run either way, so a slot's result does not depend on whether its
+    factors were shared with the other stepping slots."""
+    torch._foreach_lerp_(ms, ws, w1)  # m = b1 m + (1 - b1) g
+    torch._foreach_mul_(ws, ws)
+    torch._foreach_lerp_(vs, ws, w2)  # v = b2 v + (1 - b2) g^2
+    if apply_decay:
+        torch._foreach_mul_(ps, decay)  # decoupled weight decay: p *= 1 - lr wd
+    for v, w in zip(vs, ws):
+        torch.sqrt(v, out=w)
+    torch._foreach_div_(ws, bc2_sqrt)
+    torch._foreach_add_(ws, eps)  # denom = sqrt(v) / sqrt(1 - b2^t) + eps
+    # p += m / (denom / (-lr / (1 - b1^t))).  lr == 0 gives denom / -0.0 = -inf and a zero update.
+    torch._foreach_div_(ws, neg_step)
+    torch._foreach_addcdiv_(ps, ms, ws)

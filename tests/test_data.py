@@ -1,0 +1,362 @@
+"""Tokenizers, tenant datasets and the multi-tenant data source."""
+
+import json
+
+import pytest
+import torch
+
+from megatron_multilora.data.datasets import DataError, TenantDataset
+from megatron_multilora.data.source import PAD_SLOT, MultiAdapterDataSource
+from megatron_multilora.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+
+TOK = ByteTokenizer()
+EOS, PAD = TOK.eos_id, TOK.pad_id
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trip_and_specials():
+    tok = build_tokenizer(None)
+    assert isinstance(tok, ByteTokenizer) and isinstance(build_tokenizer("byte"), ByteTokenizer)
+    ids = tok.encode("héllo")
+    assert ids == list("héllo".encode()) and max(ids) < 256
+    assert tok.decode(ids + [tok.eos_id, tok.pad_id]) == "héllo"
+    assert len({tok.eos_id, tok.pad_id}) == 2 and tok.vocab_size > max(tok.eos_id, tok.pad_id)
+
+
+def _save_word_tokenizer(path, specials):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "hello", "world", *specials])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(specials)
+    tokenizer.save(str(path))
+    return vocab
+
+
+def test_hf_tokenizer_discovers_specials_from_file_or_directory(tmp_path):
+    vocab = _save_word_tokenizer(tmp_path / "tokenizer.json", ["</s>", "<pad>"])
+    for spec in (tmp_path, tmp_path / "tokenizer.json"):
+        tok = build_tokenizer(spec)
+        assert isinstance(tok, HFTokenizer)
+        assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (vocab["</s>"], vocab["<pad>"], len(vocab))
+        ids = tok.encode("hello world")
+        assert ids == [vocab["hello"], vocab["world"]]  # no special tokens added by encode
+        assert tok.decode(ids + [tok.eos_id]) == "hello world"
+
+
+def test_hf_tokenizer_explicit_eos_and_pad_fallback(tmp_path):
+    vocab = _save_word_tokenizer(tmp_path / "tokenizer.json", ["<|im_end|>", "<|custom_end|>"])
+    tok = HFTokenizer(tmp_path / "tokenizer.json", eos="<|custom_end|>")
+    assert tok.eos_id == vocab["<|custom_end|>"] and tok.pad_id == tok.eos_id  # no pad token: eos pads
+    assert HFTokenizer(tmp_path / "tokenizer.json", eos=2).eos_id == 2
+    with pytest.raises(ValueError, match="no eos token found.*'<nope>'"):
+        HFTokenizer(tmp_path / "tokenizer.json", eos="<nope>")
+
+
+def test_hf_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        build_tokenizer(tmp_path / "missing.json")
+    _save_word_tokenizer(tmp_path / "tokenizer.json", ["<weird>"])
+    with pytest.raises(ValueError, match="no eos token found"):
+        HFTokenizer(tmp_path / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def test_text_sample_shifted_labels_and_padding_mask(tmp_path):
+    ds = TenantDataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}]), TOK, seq_length=6)
+    item = ds[0]
+    ids = [*b"abc", EOS]
+    assert item["tokens"].tolist() == ids + [PAD, PAD]
+    assert item["labels"].tolist() == ids[1:] + [PAD, PAD, PAD]
+    assert item["loss_mask"].tolist() == [1, 1, 1, 0, 0, 0]  # predicts b, c, eos; padding masked
+    assert item["tokens"].dtype == item["labels"].dtype == torch.long
+    assert item["loss_mask"].dtype == torch.float32
+
+
+def test_prompt_tokens_masked_completion_and_eos_not(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "ab=", "completion": "ba"}])
+    item = TenantDataset(path, TOK, seq_length=8)[0]
+    labels, mask = item["labels"].tolist(), item["loss_mask"].tolist()
+    counted = [label for label, m in zip(labels, mask) if m]
+    assert counted == [*b"ba", EOS]
+    assert mask == [0, 0, 1, 1, 1, 0, 0, 0]  # labels b, =, then b, a, eos, then padding
+
+
+def test_pretokenized_with_and_without_mask(tmp_path):
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"input_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1]}, {"input_ids": [9, 10, 11]}],
+    )
+    ds = TenantDataset(path, TOK, seq_length=4)
+    assert ds[0]["tokens"].tolist() == [5, 6, 7, 8]
+    assert ds[0]["labels"].tolist() == [6, 7, 8, PAD]  # no eos appended to pre-tokenized samples
+    assert ds[0]["loss_mask"].tolist() == [0, 1, 1, 0]
+    assert ds[1]["labels"].tolist() == [10, 11, PAD, PAD]
+    assert ds[1]["loss_mask"].tolist() == [1, 1, 0, 0]
+
+
+def test_truncation(tmp_path):
+    item = TenantDataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "abcdefgh"}]), TOK, seq_length=4)[0]
+    assert item["tokens"].tolist() == list(b"abcd")
+    assert item["labels"].tolist() == list(b"bcde")
+    assert item["loss_mask"].tolist() == [1, 1, 1, 1]
+
+
+def test_packing_keeps_masks_and_separates_documents(tmp_path):
+    records = [
+        {"prompt": "xy", "completion": "z"},
+        {"text": "abc"},
+        {"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1]},
+    ]
+    path = write_jsonl(tmp_path / "t.jsonl", records)
+    packed = TenantDataset(path, TOK, seq_length=5, pack=True)
+    padded = TenantDataset(path, TOK, seq_length=16)
+    # stream: x y z eos | a b c eos | 1 2 3 eos(separator, no loss) -> 12 ids, 11 labels -> 3 windows of 5
+    assert len(packed) == 3 and padded.num_documents == packed.num_documents == 3
+    tokens = torch.cat([packed[i]["tokens"] for i in range(len(packed))]).tolist()
+    assert tokens[:12] == [*b"xyz", EOS, *b"abc", EOS, 1, 2, 3, EOS]
+    assert tokens[12:] == [PAD] * 3
+    labels = torch.cat([packed[i]["labels"] for i in range(len(packed))]).tolist()
+    assert labels[:11] == tokens[1:12]  # windows overlap by one id: every id after the first is a label once
+
+    def counted(ds):
+        rows = [ds[i] for i in range(len(ds))]
+        pairs = [(label, m) for r in rows for label, m in zip(r["labels"].tolist(), r["loss_mask"].tolist())]
+        return sorted(label for label, m in pairs if m)
+
+    # packing puts loss on exactly the tokens padding does: not on a document's first token, not on prompts
+    assert counted(packed) == counted(padded) == sorted([*b"bc", EOS, *b"z", EOS, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "invalid JSON"),
+        ('["text"]', "expected a JSON object"),
+        ('{"content": "x"}', "unknown sample format"),
+        ('{"text": "x", "prompt": "y"}', "unknown sample format"),
+        ('{"prompt": "x"}', "unknown sample format"),
+        ('{"text": 5}', "'text' must be a string"),
+        ('{"prompt": "a", "completion": null}', "'completion' must be a string"),
+        ('{"input_ids": [1, "2"]}', "'input_ids' must be a list of integers"),
+        ('{"input_ids": [1, 2], "loss_mask": [1]}', "loss_mask has 1 entries but input_ids has 2"),
+        ('{"input_ids": [1, 2], "loss_mask": [1, 2]}', "must be 0 or 1"),
+        ('{"input_ids": [1, 999]}', "outside the vocabulary"),
+        ('{"input_ids": [7]}', "at least 2"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, "", line])
+    with pytest.raises(DataError, match=message) as err:
+        TenantDataset(path, TOK, seq_length=8)
+    assert f"{path}, line 3" in str(err.value)  # blank line 2 still counts
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="not found") as err:
+        TenantDataset(tmp_path / "nope.jsonl", TOK, seq_length=8)
+    assert "nope.jsonl" in str(err.value)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: no samples"):
+        TenantDataset(tmp_path / "empty.jsonl", TOK, seq_length=8)
+
+
+# ---------------------------------------------------------------------------------------------- data source
+
+SEQ = 6
+
+
+@pytest.fixture
+def datasets(tmp_path):
+    """name -> dataset whose sample i reads '<name><i>' (so decoded tokens identify the sample)."""
+
+    def make(name, n):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [{"text": f"{name}{i:02d}"} for i in range(n)])
+        return TenantDataset(path, TOK, seq_length=SEQ)
+
+    return {"a": make("a", 7), "b": make("b", 5), "c": make("c", 11)}
+
+
+def samples(plan):
+    """(slot, sample text) of every real sample in this rank's micro-batches, in order."""
+    out = []
+    for mb in plan.micro_batches:
+        for tokens, slot in zip(mb["tokens"], mb["slots"].tolist()):
+            if slot != PAD_SLOT:
+                out.append((slot, TOK.decode(tokens.tolist())))
+    return out
+
+
+SLOTS = {"a": 2, "b": 0, "c": 1}
+
+
+def test_tenant_stream_independent_of_other_tenants(datasets):
+    alone = MultiAdapterDataSource({"a": (datasets["a"], 3)}, seed=7, micro_batch_size=2)
+    mixed = MultiAdapterDataSource({n: (ds, 3) for n, ds in datasets.items()}, seed=7, micro_batch_size=2)
+    seq_alone = [s for _ in range(6) for s in samples(alone.next_iteration(SLOTS))]
+    seq_mixed = [s for _ in range(6) for s in samples(mixed.next_iteration(SLOTS)) if s[0] == SLOTS["a"]]
+    assert seq_alone == seq_mixed and len(seq_alone) == 18
+    other_seed = MultiAdapterDataSource({"a": (datasets["a"], 3)}, seed=8, micro_batch_size=2)
+    assert [s for _ in range(6) for s in samples(other_seed.next_iteration(SLOTS))] != seq_alone
+    twin = MultiAdapterDataSource({"a": (datasets["a"], 7), "twin": (datasets["a"], 7)}, seed=7)
+    first_epoch = samples(twin.next_iteration({"a": 0, "twin": 1}))
+    assert [t for s, t in first_epoch if s == 0] != [t for s, t in first_epoch if s == 1]  # name in seed
+
+
+def test_epochs_are_permutations_and_roll_over(datasets):
+    source = MultiAdapterDataSource({"b": (datasets["b"], 2)}, seed=1)
+    seen = [text for _ in range(5) for _, text in samples(source.next_iteration(SLOTS))]
+    assert sorted(seen[:5]) == sorted(seen[5:]) == [f"b{i:02d}" for i in range(5)]
+    assert seen[:5] != seen[5:]  # a new order each epoch (for this seed)
+    state = source.tenant_state("b")
+    assert (state["epoch"], state["position"], state["steps"]) == (2, 0, 5)
+
+
+def test_max_epochs_exhausts_with_a_partial_last_batch(datasets):
+    source = MultiAdapterDataSource(seed=0)
+    source.add_tenant("b", datasets["b"], 4, max_epochs=2)
+    source.add_tenant("a", datasets["a"], 1)
+    counts, exhausted = [], []
+    for _ in range(4):
+        plan = source.next_iteration(SLOTS)
+        counts.append(plan.samples_per_tenant.get("b"))
+        exhausted.append(plan.exhausted)
+    assert counts == [4, 4, 2, None]  # 10 samples = 2 epochs, then b is no longer planned
+    assert exhausted == [[], [], ["b"], []]
+    assert not source.is_active("b") and source.is_active("a")
+    assert plan.tenants == ["a"]
+
+
+@pytest.mark.parametrize("dp, mbs", [(2, 2), (3, 2), (4, 3)])
+def test_data_parallel_split_matches_global_plan(datasets, dp, mbs):
+    tenants = {n: (ds, gbs) for (n, ds), gbs in zip(datasets.items(), (3, 4, 2))}
+    reference = MultiAdapterDataSource(tenants, seed=3, micro_batch_size=1)
+    ranks = [MultiAdapterDataSource(tenants, seed=3, micro_batch_size=mbs, data_parallel_size=dp,
+                                    data_parallel_rank=r) for r in range(dp)]
+    for _ in range(3):
+        expected = samples(reference.next_iteration(SLOTS))
+        plans = [rank.next_iteration(SLOTS) for rank in ranks]
+        assert len({p.num_micro_batches for p in plans}) == 1  # every rank runs the same number
+        assert all(mb["tokens"].shape == (mbs, SEQ) for p in plans for mb in p.micro_batches)
+        union = [s for p in plans for s in samples(p)]
+        assert union == expected  # same samples, same order: contiguous chunks of the slot-sorted list
+        assert [slot for slot, _ in union] == sorted(slot for slot, _ in union)
+        assert {p.iteration for p in plans} == {reference.iteration}
+        assert plans[0].samples_per_tenant == {"b": 4, "c": 2, "a": 3}
+        for p in plans:
+            for mb in p.micro_batches:
+                pad = mb["slots"] == PAD_SLOT
+                assert mb["loss_mask"][pad].sum() == 0 and (mb["tokens"][pad] == PAD).all()
+        real = [len(samples(p)) for p in plans]
+        assert max(real) - min(real) <= 1  # padding spread evenly, not piled on the last rank
+
+
+def test_state_dict_round_trip_gives_identical_plans(datasets):
+    def build():
+        return MultiAdapterDataSource({n: (ds, 3) for n, ds in datasets.items()}, seed=5, micro_batch_size=2,
+                                      max_samples_per_iteration=6)
+
+    source = build()
+    for _ in range(4):
+        source.next_iteration(SLOTS)
+    state = json.loads(json.dumps(source.state_dict()))  # must be JSON-serialisable
+    expected = [source.next_iteration(SLOTS) for _ in range(5)]
+    resumed = build()
+    resumed.load_state_dict(state)
+    for plan in expected:
+        again = resumed.next_iteration(SLOTS)
+        assert (again.iteration, again.tenants) == (plan.iteration, plan.tenants)
+        assert samples(again) == samples(plan)
+
+
+def test_tenant_state_moves_to_another_run(datasets):
+    first = MultiAdapterDataSource({"a": (datasets["a"], 3), "b": (datasets["b"], 2)}, seed=1)
+    for _ in range(3):
+        first.next_iteration(SLOTS)
+    state = first.remove_tenant("a")
+    assert first.tenants == ["b"]
+    alone = MultiAdapterDataSource({"a": (datasets["a"], 3)}, seed=1)
+    for _ in range(3):
+        alone.next_iteration(SLOTS)
+    expected = [text for _ in range(4) for _, text in samples(alone.next_iteration(SLOTS))]
+    # a different run: another seed, other tenants, another slot
+    other = MultiAdapterDataSource({"c": (datasets["c"], 1)}, seed=99)
+    other.add_tenant("a", datasets["a"], 3, state=state)
+    plans = [other.next_iteration({"a": 0, "c": 1}) for _ in range(4)]
+    got = [text for plan in plans for slot, text in samples(plan) if slot == 0]
+    assert got == expected and len(got) == 12
+
+
+def test_capacity_is_fair_and_deterministic(datasets):
+    tenants = {"a": (datasets["a"], 6), "b": (datasets["b"], 3), "c": (datasets["c"], 3)}
+    source = MultiAdapterDataSource(tenants, max_samples_per_iteration=7)
+    history = [source.next_iteration(SLOTS) for _ in range(9)]
+    assert all(sum(p.samples_per_tenant.values()) <= 7 for p in history)
+    assert [p.tenants for p in history[:4]] == [["a"], ["b", "c"], ["a"], ["b", "c"]]
+    steps = {n: sum(n in p.tenants for p in history) for n in tenants}
+    assert min(steps.values()) >= 4  # no tenant starves
+    late = MultiAdapterDataSource(tenants, max_samples_per_iteration=7)
+    for _ in range(9):
+        late.next_iteration(SLOTS)
+    late.add_tenant("d", datasets["b"], 7)  # a newcomer goes first, then everyone waits their turn
+    assert [late.next_iteration(SLOTS | {"d": 3}).tenants for _ in range(3)] == [["d"], ["b", "c"], ["a"]]
+
+
+def test_subset_and_no_tenants(datasets):
+    source = MultiAdapterDataSource({n: (ds, 2) for n, ds in datasets.items()}, micro_batch_size=2)
+    plan = source.next_iteration({"c": 4}, tenants=["c"])
+    assert plan.tenants == ["c"] and samples(plan)[0][0] == 4
+    empty = MultiAdapterDataSource(micro_batch_size=2).next_iteration({})
+    assert (empty.tenants, empty.micro_batches, empty.num_micro_batches) == ([], [], 0)
+
+
+def test_source_errors(datasets):
+    source = MultiAdapterDataSource({"a": (datasets["a"], 2), "b": (datasets["b"], 2)})
+    with pytest.raises(ValueError, match="'b' steps this iteration but has no slot"):
+        source.next_iteration({"a": 0})
+    with pytest.raises(ValueError, match="share a slot"):
+        source.next_iteration({"a": 0, "b": 0})
+    assert source.iteration == 0  # a rejected plan consumes nothing
+    with pytest.raises(KeyError, match="unknown tenant 'z'"):
+        source.next_iteration(SLOTS, tenants=["z"])
+    with pytest.raises(ValueError, match="already in the data source"):
+        source.add_tenant("a", datasets["a"], 1)
+    with pytest.raises(ValueError, match="can never fit"):
+        MultiAdapterDataSource({"a": (datasets["a"], 5)}, max_samples_per_iteration=4)
+    with pytest.raises(ValueError, match="data changed"):
+        source.add_tenant("c", datasets["c"], 1, state=source.tenant_state("a"))
+    with pytest.raises(ValueError, match="not added to the data source"):
+        MultiAdapterDataSource({"a": (datasets["a"], 2)}).load_state_dict(source.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- demo data
+
+
+def test_demo_data_is_deterministic_short_and_loadable(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "tools" / "make_demo_data.py"
+    spec = importlib.util.spec_from_file_location("make_demo_data", script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for out in ("one", "two"):
+        tool.main(["--out", str(tmp_path / out), "--train-samples", "40", "--valid-samples", "5"])
+    for name in ("reverse", "caps", "arith", "echo"):
+        for split in ("train", "valid"):
+            path = tmp_path / "one" / name / f"{split}.jsonl"
+            assert path.read_text() == (tmp_path / "two" / name / f"{split}.jsonl").read_text()
+            ds = TenantDataset(path, TOK, seq_length=64)
+            assert all(ds[i]["tokens"][-1] == PAD for i in range(len(ds)))  # every sample fits in 64 bytes
+    first = json.loads((tmp_path / "one" / "reverse" / "train.jsonl").read_text().splitlines()[0])
+    assert first["completion"] == first["prompt"][:-1][::-1]
