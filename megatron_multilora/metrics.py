@@ -73,6 +73,11 @@ class MetricsWriter:
         losses = " | ".join(f"{name} {_fmt(loss)}" for name, loss in per_tenant.items())
         self._print(f"validation lm loss at iteration {iteration} | {losses}")
 
+    def note(self, line: str) -> None:
+        """A console line outside the regular logs (events: tenant joined, skipped step, finished)."""
+        if self.enabled:
+            self._print(line)
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()

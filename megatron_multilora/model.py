@@ -38,6 +38,8 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
+        kv_channels=model.kv_channels,
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=model.torch_dtype,
@@ -72,8 +74,9 @@ def transformer_config(
             moe_router_pre_softmax=model.moe_router_pre_softmax,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
-            # allgather works with gloo on CPU; alltoall (grouped GEMM) is the GPU choice.
-            moe_token_dispatcher_type="alltoall" if platform.has_cuda() else "allgather",
+            # allgather works with gloo on CPU, and expert LoRA carries slot ids through it (lora/experts.py);
+            # carrying them through the alltoall dispatcher is not written yet.
+            moe_token_dispatcher_type="allgather",
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
         )
@@ -97,9 +100,14 @@ def block_spec(model: ModelConfig, config, vp_stage: int | None = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = get_gpt_layer_local_spec(num_experts=model.num_experts, normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(
+        num_experts=model.num_experts, normalization="RMSNorm", qk_layernorm=model.qk_layernorm
+    )
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
+    if model.qk_layernorm:
+        layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        layer.submodules.self_attention.submodules.k_layernorm = RMSNorm
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RMSNorm
     )

@@ -90,10 +90,12 @@ class ParallelLayout:
         return dp
 
 
-def initialize_model_parallel(layout: ParallelLayout, seed: int = 1234, timeout_seconds: float = 600.0):
+def initialize_model_parallel(
+    layout: ParallelLayout, seed: int = 1234, timeout_seconds: float = 600.0, backend: str | None = None
+):
     """Process groups (default + megatron's model-parallel groups), CPU patches, and the RNG tracker."""
     apply_cpu_patches()
-    _, world_size = init_distributed(timeout_seconds)
+    _, world_size = init_distributed(timeout_seconds, backend)
     layout.data_parallel_size(world_size)  # validates before megatron asserts
     from megatron.core import parallel_state
 

@@ -14,8 +14,9 @@ import torch
 from . import model as model_lib
 
 
-def token_loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def token_loss_func(batch: dict, per_token_loss: torch.Tensor):
     """(loss sum, token count, {'lm loss': [sum, count]}): megatron's per-token loss contract."""
+    loss_mask = batch["loss_mask"]
     losses = per_token_loss.float() * loss_mask
     loss_sum = losses.sum()
     num_tokens = loss_mask.sum().to(torch.int)
@@ -53,7 +54,7 @@ def forward_backward(
         )
         if after_forward is not None:
             output = after_forward(batch, output)
-        return output, partial(loss_func, batch["loss_mask"])
+        return output, partial(loss_func, batch)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step,

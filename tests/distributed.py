@@ -5,12 +5,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import time
 import traceback
 
 from megatron_multilora.platform import free_port
 
 
-def _worker(fn, rank, world_size, port, args, results):
+def _worker(fn, rank, world_size, port, args, results, timeout):
+    import faulthandler
+
+    faulthandler.dump_traceback_later(max(timeout - 20, 10), exit=True)  # a hang shows where it is
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -38,18 +42,23 @@ def run_world(fn, world_size: int, *args, timeout: float = 600.0):
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results), daemon=False)
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results, timeout), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
     outs: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(outs) < world_size:
             try:
-                rank, ok, out = results.get(timeout=timeout)
+                rank, ok, out = results.get(timeout=1.0)
             except queue.Empty:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(outs))} did not finish") from None
+                dead = [r for r, p in enumerate(procs) if r not in outs and p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    what = f"died (exit codes {[procs[r].exitcode for r in dead]})" if dead else "timed out"
+                    raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(outs))} did not finish: {what}")
+                continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{out}")
             outs[rank] = out

@@ -196,12 +196,7 @@ class MultiAdapterDataSource:
             counts[s.name] = len(indices)
             samples += [(slot_of[s.name], s.dataset, i) for i in indices]
 
-        micro_batches = []
-        if samples:
-            share, count = self._rank_share(samples)
-            mbs = self.micro_batch_size
-            reference = stepping[0].dataset
-            micro_batches = [self._collate(share[k : k + mbs], reference) for k in range(0, count, mbs)]
+        micro_batches = self.micro_batches(samples)
         return IterationPlan(
             iteration=self.iteration,
             tenants=[s.name for s in stepping],
@@ -210,6 +205,15 @@ class MultiAdapterDataSource:
             num_micro_batches=len(micro_batches),
             exhausted=[s.name for s in stepping if not s.active],
         )
+
+    def micro_batches(self, samples: list) -> list[dict]:
+        """This rank's micro-batches of ``samples`` [(slot, dataset, index), ...] sorted by slot (also used
+        for evaluation): a contiguous share per data-parallel rank, padded so every rank has as many."""
+        if not samples:
+            return []
+        share, count = self._rank_share(samples)
+        mbs = self.micro_batch_size
+        return [self._collate(share[k : k + mbs], samples[0][1]) for k in range(0, count, mbs)]
 
     def _stream(self, name: str) -> _Stream:
         if name not in self._streams:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .experts import track_expert_slots
 from .linear import lora_class
-from .slots import SlotTable
+from .slots import EXPERT_TARGETS, SlotTable
 
 _DENSE_KINDS = {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
 
@@ -22,6 +23,15 @@ def _global_layer_names(model) -> dict[str, str]:
     return names
 
 
+def _global_expert_name(model, name: str, global_name: str) -> str:
+    """The local expert index in a path replaced by the global one (experts are sharded over EP ranks)."""
+    head, tail = name.split(".experts.local_experts.", 1)
+    local = tail.split(".", 1)[0]
+    global_index = model.get_submodule(head).local_expert_indices[int(local)]
+    marker = ".experts.local_experts."
+    return global_name.replace(f"{marker}{local}.", f"{marker}{global_index}.")
+
+
 def inject_lora(model, table: SlotTable) -> list:
     """Wrap every target linear of `model` (one pipeline chunk) with slot-indexed LoRA; returns the layers.
     The base stops requiring gradients before any wrapping, so no weight gradient of it is ever computed."""
@@ -30,11 +40,17 @@ def inject_lora(model, table: SlotTable) -> list:
     for p in model.parameters():
         p.requires_grad_(False)
     global_names = _global_layer_names(model)
+    expert_targets = [k for k in table.target_modules if k in EXPERT_TARGETS]
     layers = []
     for name, module in list(model.named_modules()):
-        kind = name.rsplit(".", 1)[-1]
-        if kind not in _DENSE_KINDS or ".experts.local_experts." in name:
+        if expert_targets and hasattr(module, "token_dispatcher") and hasattr(module, "experts"):
+            track_expert_slots(module)
             continue
+        base_kind = name.rsplit(".", 1)[-1]
+        if base_kind not in _DENSE_KINDS:
+            continue
+        expert = ".experts.local_experts." in name
+        kind = "expert_" + base_kind.removeprefix("linear_") if expert else base_kind
         if kind not in table.target_modules:
             continue
         column = isinstance(module, ColumnParallelLinear)
@@ -42,14 +58,18 @@ def inject_lora(model, table: SlotTable) -> list:
             raise TypeError(f"{name} is a {type(module).__name__}, not a megatron parallel linear")
         module.__class__ = lora_class(type(module))
         module.attach_lora(
-            table, kind, global_names.get(name, name), column=column, tp_group=module.tp_group,
-            sequence_parallel=module.sequence_parallel,
+            table, kind, _global_expert_name(model, name, global_names[name]) if expert else global_names[name],
+            column=column, tp_group=module.tp_group, sequence_parallel=module.sequence_parallel, expert=expert,
         )
         layers.append(module)
     table.layers.extend(layers)
-    if getattr(model, "pre_process", False) and model.config.recompute_granularity is not None:
-        # Reentrant activation checkpointing only runs a chunk's backward when one of its *inputs* requires
-        # grad; with a frozen embedding none does, and the first stage's LoRA would get no gradient.
+    if getattr(model, "pre_process", False):
+        # With a frozen embedding, whether a tensor needs a gradient would depend on the micro-batch (a
+        # base-only one needs none). Collectives that run in backward (the MoE dispatcher's reduce-scatter
+        # across EP ranks that hold different data, pipeline sends) must run on every rank alike, and
+        # reentrant activation checkpointing only back-propagates through a chunk whose inputs require grad:
+        # so the embedding output always requires grad (PEFT's enable_input_require_grads, for the same
+        # reasons).
         model.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
     return layers
 

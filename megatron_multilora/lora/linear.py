@@ -29,7 +29,10 @@ class SlotLoRALinear:
     lora_kind: str
     global_name: str
 
-    def attach_lora(self, table, kind: str, global_name: str, *, column: bool, tp_group, sequence_parallel: bool):
+    def attach_lora(
+        self, table, kind: str, global_name: str, *, column: bool, tp_group, sequence_parallel: bool,
+        expert: bool = False,
+    ):
         self.lora_kind, self.global_name, self.lora_column = kind, global_name, column
         self.lora_tp_group = tp_group
         self.lora_tp_size, self.lora_tp_rank = tp_group.size(), tp_group.rank()
@@ -48,9 +51,12 @@ class SlotLoRALinear:
         replicated.tensor_model_parallel = False
         replicated.norm_duplicate = self.lora_tp_rank != 0  # counted once in per-slot grad norms
         replicated.sequence_parallel = self.lora_sequence_parallel  # gradient summed over TP at step time
+        self.lora_token_segments = None  # set per forward by the experts wrapper (expert linears only)
         for p in (self.lora_A, self.lora_B):
             p.lora_param = True
-            p.norm_group = "dense"
+            p.norm_group = "expert" if expert else "dense"
+            if expert:
+                p.allreduce = False  # megatron's mark of expert-parallel parameters
 
     # ---- sharding rules ----------------------------------------------------------------------------------
     def _full_in_out(self) -> tuple[int, int]:
@@ -119,11 +125,19 @@ class SlotLoRALinear:
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
-        routing = routing_lib.current()
-        segments = routing.segments(self.lora_kind) if routing is not None else []
+        segments = self._lora_segments()
         if segments:
-            output = output + self.lora_delta(input_, segments)
+            if input_.dim() == 2:  # expert tokens [T, in]: one "sequence" of T rows
+                output = output + self.lora_delta(input_.unsqueeze(0), segments).squeeze(0)
+            else:
+                output = output + self.lora_delta(input_, segments)
         return output, bias
+
+    def _lora_segments(self):
+        if self.lora_token_segments is not None:
+            return self.lora_token_segments
+        routing = routing_lib.current()
+        return routing.segments(self.lora_kind) if routing is not None else []
 
     def lora_delta(self, x: torch.Tensor, segments) -> torch.Tensor:
         return ops.lora_delta(x, self.lora_A, self.lora_B, segments, self._middle, self.training)

@@ -25,11 +25,13 @@ class AdapterRouting:
         slots = [int(s) for s in (sample_slots.tolist() if torch.is_tensor(sample_slots) else sample_slots)]
         self.sample_slots = torch.tensor(slots, dtype=torch.long)
         runs = _contiguous_runs(slots)
+        # Every held slot (MoE experts also see tokens of other data-parallel ranks' micro-batches).
+        self._slot_specs = {r.slot: (r.spec, r.targets) for r in table.tenants.values()}
         self._segments: dict[str, list[Segment]] = {}
         for kind in table.target_modules:
             segs = []
             for slot, start, end in runs:
-                record = table.at(slot) if slot != NO_ADAPTER else None
+                record = table.at(slot) if 0 <= slot < table.max_slots else None  # no wrap-around for -2
                 if slot != NO_ADAPTER and record is None:
                     raise ValueError(f"samples {start}..{end - 1} are routed to slot {slot}, which no tenant holds")
                 if record is not None and kind in record.targets:
@@ -39,6 +41,20 @@ class AdapterRouting:
 
     def segments(self, kind: str) -> list[Segment]:
         return self._segments.get(kind, [])
+
+    def token_segments(self, kind: str, sorted_slots: torch.Tensor) -> list[Segment]:
+        """Segments of a token list already sorted by slot (tokens routed to one expert)."""
+        values, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+        segments, start = [], 0
+        for slot, count in zip(values.tolist(), counts.tolist()):
+            entry = self._slot_specs.get(slot)
+            if entry is not None and kind in entry[1]:
+                spec = entry[0]
+                segments.append(Segment(slot, start, start + count, spec.rank, spec.scale, spec.dropout))
+            elif slot != NO_ADAPTER and entry is None:
+                raise ValueError(f"tokens are routed to slot {slot}, which no tenant holds")
+            start += count
+        return segments
 
     def token_slots(self, seq_length: int) -> torch.Tensor:
         """The slot of every token of a [seq, batch] micro-batch flattened sequence-major (megatron's order)."""

@@ -29,7 +29,7 @@ class SlotError(RuntimeError):
 
 def check_tenant_name(name: str) -> str:
     """Tenant names become directory names: refuse anything that could escape or confuse a path."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise SlotError(
             f"tenant name {name!r} is not safe as a directory name: use 1-64 characters from "
             "[A-Za-z0-9_.-], starting with a letter or digit"
@@ -96,6 +96,8 @@ class SlotTable:
             if not free:
                 raise SlotError(f"no free slot for tenant {tenant!r}: all {self.max_slots} slots are taken")
             slot = free[0]
+        elif not 0 <= slot < self.max_slots:
+            raise SlotError(f"slot {slot} is out of range: this table has slots 0..{self.max_slots - 1}")
         elif self._by_slot[slot] is not None:
             raise SlotError(f"slot {slot} is held by tenant {self._by_slot[slot].name!r}")
         record = TenantRecord(tenant, slot, spec, targets)

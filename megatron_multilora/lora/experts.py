@@ -1,0 +1,104 @@
+"""Slot-indexed LoRA on MoE experts under expert parallelism.
+
+Each local expert's fc1 / fc2 carries its own slot-indexed A and B (only this EP rank's experts, so the expert
+axis is sharded across EP ranks like the experts themselves); the math is the dense one (ops.py). The slot of
+every token follows it through the token dispatcher: the dispatcher gathers and permutes an int slot-id vector
+exactly as it gathers and permutes the tokens. The experts wrapper then sorts its tokens by (expert, slot), so
+every expert sees its tokens grouped by slot, runs the base experts with per-expert segments, and restores the
+order. No per-expert delta-W is ever formed. All of it happens inside the MoE layer's forward, so activation
+recompute and pipeline schedules replay it from the micro-batch's own routing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import routing as routing_lib
+
+
+class SlotTrackingAllGatherDispatcher:
+    """Mixin in front of megatron's MoEAllGatherTokenDispatcher: carries token slot ids along."""
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        routing = routing_lib.current()
+        tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        if routing is None:
+            slots = torch.full((tokens,), routing_lib.NO_ADAPTER, dtype=torch.long, device=hidden_states.device)
+        else:
+            slots = routing.token_slots(hidden_states.shape[0]).to(hidden_states.device)
+        self.lora_token_slots = slots
+        return super().dispatch_preprocess(hidden_states, routing_map, probs)
+
+    def token_dispatch(self, hidden_states, probs):
+        if self.tp_size > 1 or self.ep_size > 1:  # the same all-gather megatron does for the tokens
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            with torch.no_grad():
+                self.lora_token_slots = gather_from_sequence_parallel_region(
+                    self.lora_token_slots, group=self.tp_ep_group
+                )
+        return super().token_dispatch(hidden_states, probs)
+
+    def dispatch_postprocess(self, hidden_states, probs):
+        out = super().dispatch_postprocess(hidden_states, probs)
+        self.lora_permuted_slots = self.lora_token_slots[self.reversed_local_input_permutation_mapping]
+        return out
+
+
+class SlotLoRASequentialMLP:
+    """Mixin in front of megatron's SequentialMLP: groups each expert's tokens by slot around the base call."""
+
+    def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):
+        routing = routing_lib.current()
+        slots = self.lora_dispatcher.lora_permuted_slots
+        if routing is None or not bool((slots != routing_lib.NO_ADAPTER).any()):
+            return super().forward(permuted_hidden, tokens_per_expert, permuted_probs)
+        counts = tokens_per_expert.tolist()
+        expert_of = torch.repeat_interleave(torch.arange(len(counts), device=slots.device),
+                                            torch.as_tensor(counts, device=slots.device))
+        order = torch.argsort(expert_of * (slots.max() + 2) + (slots + 1), stable=True)
+        sorted_slots = slots[order]
+        start = 0
+        for expert, count in zip(self.local_experts, counts):
+            expert_slots = sorted_slots[start:start + count]
+            for linear in (expert.linear_fc1, expert.linear_fc2):
+                if hasattr(linear, "lora_kind"):
+                    linear.lora_token_segments = routing.token_segments(linear.lora_kind, expert_slots)
+            start += count
+        try:
+            out, bias = super().forward(permuted_hidden[order], tokens_per_expert, permuted_probs[order])
+        finally:
+            for expert in self.local_experts:
+                for linear in (expert.linear_fc1, expert.linear_fc2):
+                    if hasattr(linear, "lora_kind"):
+                        linear.lora_token_segments = None
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return out[inverse], bias
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _with_mixin(mixin: type, base: type) -> type:
+    if (mixin, base) not in _CLASSES:
+        _CLASSES[(mixin, base)] = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {})
+    return _CLASSES[(mixin, base)]
+
+
+def track_expert_slots(moe_layer) -> None:
+    """Make the MoE layer's dispatcher carry slot ids and its experts group tokens by slot."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    dispatcher, experts = moe_layer.token_dispatcher, moe_layer.experts
+    if not isinstance(dispatcher, MoEAllGatherTokenDispatcher):
+        raise NotImplementedError(
+            f"expert LoRA follows tokens through the allgather dispatcher only, not {type(dispatcher).__name__}: "
+            "set moe_token_dispatcher_type='allgather'"
+        )
+    if not isinstance(experts, SequentialMLP):
+        raise NotImplementedError(f"expert LoRA needs SequentialMLP experts, not {type(experts).__name__}")
+    dispatcher.__class__ = _with_mixin(SlotTrackingAllGatherDispatcher, type(dispatcher))
+    experts.__class__ = _with_mixin(SlotLoRASequentialMLP, type(experts))
+    experts.lora_dispatcher = dispatcher

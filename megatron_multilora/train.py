@@ -1,0 +1,39 @@
+"""Entry point: `torchrun --nproc-per-node N -m megatron_multilora.train --config run.yaml [Megatron-LM flags]`.
+
+The whole configuration (YAML + flags, data files, layout arithmetic) is validated before any process group
+or model is created.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .arguments import parse_run_config
+from .config import ConfigError
+
+
+def main(argv=None) -> int:
+    try:
+        run = parse_run_config(argv)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    from . import platform
+    from .training import MultiLoRATrainer
+
+    trainer = MultiLoRATrainer(run)
+    try:
+        trainer.train()
+        trainer.metrics.note(
+            "done. TensorBoard logs: {} | metrics: {} | checkpoints: {}".format(
+                run.tensorboard_dir or "(off)", run.metrics_file or "(off)", run.save or "(off)"
+            )
+        )
+    finally:
+        trainer.close()
+        platform.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""Run configuration: dataclasses, YAML loading, validation messages, the command line, tenants dirs."""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_multilora.arguments import build_parser, parse_run_config
+from megatron_multilora.config import (
+    DENSE_TARGET_MODULES,
+    TARGET_MODULES,
+    ConfigError,
+    LoRAPoolConfig,
+    RunConfig,
+    TenantConfig,
+    load_run_config,
+    load_tenant_file,
+    load_tenants_dir,
+    model_config_from,
+    validate,
+    validate_tenant,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_data(path: Path, n: int = 4) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": f"sample {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Data files for three tenants under tmp_path/data/<name>/{train,valid}.jsonl."""
+    for name in ("a", "b", "c"):
+        write_data(tmp_path / "data" / name / "train.jsonl")
+        write_data(tmp_path / "data" / name / "valid.jsonl")
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def raw(data):
+    """A valid raw run mapping (absolute paths) for a 2-process EP=2 run of tiny-moe."""
+    return {
+        "model": "tiny-moe",
+        "lora": {"max_slots": 2, "max_rank": 16},
+        "tenants": [
+            {"name": "a", "rank": 8, "lr": 1e-3, "train_data": str(data / "a/train.jsonl"),
+             "valid_data": str(data / "a/valid.jsonl")},
+            {"name": "b", "rank": 4, "lr": 2e-3, "lr_warmup_iters": 2, "lr_decay_style": "linear",
+             "train_data": str(data / "b/train.jsonl"), "global_batch_size": 12},
+        ],
+        "seq_length": 64,
+        "micro_batch_size": 4,
+        "train_iters": 20,
+        "expert_model_parallel_size": 2,
+    }
+
+
+def check(raw, world_size=2):
+    return validate(load_run_config(raw), world_size)
+
+
+def with_changes(raw, path, value):
+    """A copy of ``raw`` with ``path`` ("lora.max_rank", "tenants.1.rank") set (or deleted for ...)."""
+    out = copy.deepcopy(raw)
+    *parents, last = path.split(".")
+    node = out
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    key = int(last) if isinstance(node, list) else last
+    if value is ...:
+        del node[key]
+    else:
+        node[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- valid configs
+
+
+def test_valid_config_defaults_and_resolution(raw):
+    run = check(raw)
+    assert isinstance(run.lora, LoRAPoolConfig) and run.lora.queue is True
+    # MoE model: the pool's default targets include the expert linears; tenants default to the pool's
+    assert run.lora.target_modules == list(TARGET_MODULES)
+    a, b = run.tenants
+    assert isinstance(a, TenantConfig) and a.target_modules == list(TARGET_MODULES)
+    assert a.alpha == 8.0 and a.scaling == 1.0 and a.rslora is False and a.dropout == 0.0
+    assert (a.lr_decay_style, a.init, a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad) == (
+        "cosine", "kaiming", 0.9, 0.999, 1e-8, 1.0)
+    assert a.decay_iters(run.train_iters) == 20 and run.seed_of(a) == run.seed == 1234
+    assert b.valid_data is None and b.global_batch_size == 12
+    assert run.data_parallel_size(2) == 2
+    assert run.distributed_backend is None and run.tokenizer is None
+
+
+def test_dense_model_pool_defaults_to_the_dense_modules(raw):
+    run = check({**raw, "model": "tiny-dense", "expert_model_parallel_size": 1})
+    assert run.lora.target_modules == list(DENSE_TARGET_MODULES)
+
+
+def test_seq_length_defaults_to_max_position_embeddings(raw):
+    run = check(with_changes(raw, "seq_length", ...))
+    assert run.seq_length == run.model.max_position_embeddings == 128
+
+
+def test_round_trip_through_to_dict_and_yaml(raw, tmp_path):
+    raw = with_changes(raw, "tenants.0.target_modules", ["linear_qkv", "expert_fc1"])
+    raw["tenants"][1].update(rslora=True, alpha=16, seed=7, train_iters=10, max_epochs=3, init="gaussian")
+    raw.update(save=str(tmp_path / "ckpt"), tensorboard_dir="tb", keep_last_checkpoints=2, save_interval=5,
+               max_samples_per_iteration=24, distributed_backend="gloo", tenant_defaults={"weight_decay": 0.1})
+    run = check(raw)
+    assert run.tenants[1].weight_decay == 0.1 and run.tenants[1].scaling == 8.0
+    again = load_run_config(run.to_dict())
+    assert again == run and again.to_dict() == run.to_dict()
+    path = run.save_yaml(tmp_path / "out" / "run.yaml")
+    assert yaml.safe_load(path.read_text()) == run.to_dict()
+    assert validate(load_run_config(path), 2) == run
+
+
+def test_direct_construction_converts_sections(data):
+    run = RunConfig(model="tiny-dense", lora={"max_slots": 1, "max_rank": 4},
+                    tenants=[{"name": "a", "rank": "4", "lr": "1e-3", "train_data": str(data / "a/train.jsonl")}],
+                    train_iters=5)
+    validate(run)
+    assert run.tenants[0].rank == 4 and run.tenants[0].lr == 1e-3 and run.tenants[0].alpha == 4.0
+
+
+def test_yaml_strings_for_numbers_are_converted(raw, tmp_path):
+    # PyYAML reads 1e-3 (no dot) as a string; it still means a number
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw).replace("0.001", "1e-3"))
+    assert "1e-3" in (tmp_path / "run.yaml").read_text()
+    assert check(load_run_config(tmp_path / "run.yaml").to_dict()).tenants[0].lr == 1e-3
+
+
+def test_preset_names_with_dots_load():
+    # "qwen1.5-moe-a2.7b" has a Path suffix (".7b"); it used to be taken for a missing file
+    assert model_config_from("qwen1.5-moe-a2.7b").num_experts == 60
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_unsafe_and_bad_tenant_names_are_refused(raw):
+    for name in ("../escape", "a/b", ".", "..", ".hidden", "", "x" * 65, "sp ace"):
+        with pytest.raises(ConfigError, match=r"tenants\[1\]\.name .*(letter or digit|at most 64|non-empty)"):
+            check(with_changes(raw, "tenants.1.name", name))
+    check(with_changes(raw, "tenants.1.name", "Ok_name-1.v2"))
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("tenants.1.rank", 32, r"tenants\[1\]\.rank 32 exceeds lora\.max_rank 16 \(tenant 'b'\)"),
+    ("tenants.1.rank", 0, r"tenants\[1\]\.rank must be >= 1, got 0"),
+    ("tenants.0.alpha", 0, r"tenants\[0\]\.alpha must be > 0"),
+    ("tenants.0.dropout", 1.0, r"tenants\[0\]\.dropout must be in \[0, 1\)"),
+    ("tenants.0.init", "orthogonal", r"tenants\[0\]\.init must be one of \['kaiming', 'gaussian'\]"),
+    ("tenants.1.name", "a", r"tenants\[1\]\.name: duplicate tenant name 'a' \(also tenants\[0\]\)"),
+    ("tenants.0.target_modules", ["linear_qkv", "lm_head"],
+     r"tenants\[0\]\.target_modules: unknown module\(s\) \['lm_head'\]; known: \['linear_qkv'"),
+    ("lora.target_modules", ["linear_qkv", "q_proj"], r"lora\.target_modules: unknown module\(s\) \['q_proj'\]"),
+    ("tenants.0.train_data", "/nonexistent/x/train.jsonl",
+     r"tenants\[0\]\.train_data: data file not found: /nonexistent/x/train\.jsonl"),
+    ("tenants.0.valid_data", "/nonexistent/x/valid.jsonl",
+     r"tenants\[0\]\.valid_data: data file not found: /nonexistent/x/valid\.jsonl"),
+    ("tenants.0.lr", -1e-3, r"tenants\[0\]\.lr must be >= 0, got -0\.001"),
+    ("tenants.0.min_lr", 1e-2, r"tenants\[0\]\.min_lr 0\.01 is larger than lr 0\.001"),
+    ("tenants.0.lr_warmup_iters", 20,
+     r"tenants\[0\]\.lr_warmup_iters 20 must be smaller than lr_decay_iters \(= the run's train_iters\) 20"),
+    ("tenants.0.lr_decay_style", "step", r"tenants\[0\]\.lr_decay_style must be one of"),
+    ("tenants.0.adam_beta2", 1.0, r"tenants\[0\]\.adam_beta2 must be in \[0, 1\)"),
+    ("tenants.0.adam_eps", 0, r"tenants\[0\]\.adam_eps must be > 0"),
+    ("tenants.0.clip_grad", -1, r"tenants\[0\]\.clip_grad must be >= 0"),
+    ("tenants.0.global_batch_size", 0, r"tenants\[0\]\.global_batch_size must be >= 1"),
+    ("tenants.0.train_iters", 0, r"tenants\[0\]\.train_iters must be >= 1"),
+    ("tenants.0.max_epochs", 0, r"tenants\[0\]\.max_epochs must be >= 1"),
+    ("micro_batch_size", 0, r"^micro_batch_size must be >= 1, got 0$"),
+    ("seq_length", 256, r"seq_length 256 exceeds model\.max_position_embeddings 128"),
+    ("train_iters", ..., r"train_iters is required"),
+    ("train_iters", 0, r"train_iters must be >= 1"),
+    ("eval_iters", -1, r"eval_iters must be >= 0"),
+    ("eval_interval", 0, r"eval_interval must be >= 1"),
+    ("log_interval", 0, r"log_interval must be >= 1"),
+    ("save_interval", 0, r"save_interval must be >= 1"),
+    ("keep_last_checkpoints", 0, r"keep_last_checkpoints must be >= 1"),
+    ("distributed_backend", "mpi", r"distributed_backend must be one of \['gloo', 'nccl'\]"),
+    ("distributed_timeout_minutes", 0, r"distributed_timeout_minutes must be >= 1"),
+    ("lora.max_slots", 0, r"lora\.max_slots must be >= 1"),
+    ("lora.max_rank", 0, r"lora\.max_rank must be >= 1"),
+    ("max_samples_per_iteration", 8,
+     r"tenants\[1\]\.global_batch_size 12 can never fit in max_samples_per_iteration 8"),
+    ("load_base", "/nonexistent/base", r"load_base: directory not found: /nonexistent/base"),
+    ("tokenizer", "/nonexistent/tokenizer.json", r"tokenizer: file not found: /nonexistent/tokenizer\.json"),
+    ("tenants", [], r"no tenants"),
+])
+def test_validation_errors_name_the_field(raw, path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        check(with_changes(raw, path, value))
+
+
+def test_tenant_targets_must_be_in_the_pool(raw):
+    raw = with_changes(raw, "lora.target_modules", ["linear_qkv", "linear_proj"])
+    with pytest.raises(ConfigError, match=r"tenants\[0\]\.target_modules \['linear_fc1'\] are not in "
+                                          r"lora\.target_modules \['linear_qkv', 'linear_proj'\]"):
+        check(with_changes(raw, "tenants.0.target_modules", ["linear_qkv", "linear_fc1"]))
+    # tenants without target_modules take the pool's
+    assert check(raw).tenants[1].target_modules == ["linear_qkv", "linear_proj"]
+
+
+def test_expert_targets_need_a_moe_model(raw):
+    raw = {**raw, "model": "tiny-dense", "expert_model_parallel_size": 1}
+    with pytest.raises(ConfigError, match=r"lora\.target_modules \['expert_fc1'\] need a MoE model"):
+        check(with_changes(raw, "lora.target_modules", ["linear_qkv", "expert_fc1"]))
+
+
+def test_more_tenants_than_slots(raw, data):
+    raw["tenants"].append({"name": "c", "rank": 2, "lr": 1e-3, "train_data": str(data / "c/train.jsonl")})
+    assert len(check(raw).tenants) == 3  # queue (default): the third waits for a slot
+    with pytest.raises(ConfigError, match=r"3 tenants but lora\.max_slots is 2 and lora\.queue is false"):
+        check(with_changes(raw, "lora.queue", False))
+
+
+def test_warmup_versus_decay(raw):
+    raw = with_changes(raw, "tenants.0.lr_warmup_iters", 5)
+    with pytest.raises(ConfigError, match=r"tenants\[0\]\.lr_warmup_iters 5 must be smaller than lr_decay_iters 5"):
+        check(with_changes(raw, "tenants.0.lr_decay_iters", 5))
+    with pytest.raises(ConfigError, match=r"lr_warmup_iters 5 must be smaller than lr_decay_iters \(= its "
+                                          r"train_iters\) 4"):
+        check(with_changes(raw, "tenants.0.train_iters", 4))
+    # a constant schedule has nothing to decay: a long warm-up is only checked against an explicit decay
+    check(with_changes(with_changes(raw, "tenants.0.lr_decay_style", "constant"), "tenants.0.lr_warmup_iters", 50))
+
+
+@pytest.mark.parametrize("changes, world_size, message", [
+    ({"tensor_model_parallel_size": 3}, 6, r"--tensor-model-parallel-size 3 must divide num_attention_heads 4"),
+    ({"pipeline_model_parallel_size": 3}, 6, r"--pipeline-model-parallel-size 3 must divide num_layers 4"),
+    ({"expert_model_parallel_size": 3}, 3, r"--expert-model-parallel-size 3 must divide num_experts 4"),
+    ({"tensor_model_parallel_size": 2}, 4, r"MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel"),
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 1}, 3,
+     r"world size 3 is not divisible by tensor_model_parallel_size 2 x pipeline_model_parallel_size 1 = 2"),
+    ({"pipeline_model_parallel_size": 2}, 2,
+     r"data-parallel size 1 \(world size 2 / \(TP 1 x PP 2\)\) is not divisible by expert_model_parallel_size 2"),
+    ({"expert_model_parallel_size": 0}, 2, r"expert_model_parallel_size must be >= 1, got 0"),
+    ({"model": "no-such-model"}, 2, r"unknown model preset 'no-such-model'; presets: .*tiny-moe"),
+    ({"model": {"preset": "tiny-moe", "num_experts": 3}}, 2, r"must divide num_experts 3"),
+])
+def test_layout_errors(raw, changes, world_size, message):
+    with pytest.raises(ConfigError, match=message):
+        check({**raw, **changes}, world_size)
+
+
+def test_valid_layouts(raw):
+    check(raw, 4)  # DP 4, EP 2
+    check({**raw, "tensor_model_parallel_size": 2, "sequence_parallel": True}, 4)  # TP 2 x DP 2, EP 2
+    check({**raw, "pipeline_model_parallel_size": 2, "expert_model_parallel_size": 1}, 2)
+
+
+def test_all_problems_are_reported_together(raw):
+    raw = with_changes(with_changes(raw, "tenants.1.rank", 99), "micro_batch_size", 0)
+    with pytest.raises(ConfigError, match=r"(?s)2 configuration problems:.*micro_batch_size.*tenants\[1\]\.rank 99"):
+        check(raw)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"learning_rate": 1e-3}, r"unknown key\(s\) 'learning_rate'; known: model, lora, tenants, .*train_iters"),
+    ({"lora": {"max_slots": 2, "max_rank": 8, "slots": 3}}, r"lora: unknown key\(s\) 'slots'; known: max_slots"),
+    ({"lora": {"max_slots": 2}}, r"lora: missing required key\(s\) max_rank"),
+    ({"model": {"preset": "tiny-moe", "layers": 2}}, r"unknown model field\(s\) \['layers'\]"),
+    ({"tenant_defaults": {"name": "x"}}, r"tenant_defaults: unknown or per-tenant-only key\(s\) 'name'"),
+    ({"train_iters": "many"}, r"^train_iters: expected an integer, got 'many'$"),
+    ({"sequence_parallel": "yes"}, r"^sequence_parallel: expected true or false"),
+])
+def test_load_errors(raw, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config({**raw, **changes})
+
+
+def test_tenant_load_errors(raw):
+    with pytest.raises(ConfigError, match=r"tenants\[1\]: unknown key\(s\) 'learning_rate'; known: name, rank, lr"):
+        load_run_config(with_changes(raw, "tenants.1.learning_rate", 1e-3))
+    with pytest.raises(ConfigError, match=r"tenants\[0\]: missing required key\(s\) lr"):
+        load_run_config(with_changes(raw, "tenants.0.lr", ...))
+    with pytest.raises(ConfigError, match=r"tenants\[1\]\.rank: expected an integer, got 'eight'"):
+        load_run_config(with_changes(raw, "tenants.1.rank", "eight"))
+    with pytest.raises(ConfigError, match=r"missing required section\(s\) lora"):
+        load_run_config(with_changes(raw, "lora", ...))
+
+
+def test_tokenizer_vocabulary_must_fit_the_model(raw, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    def save(size):
+        vocab = {"</s>": 0, **{f"w{i}": i for i in range(1, size)}}
+        Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+
+    save(100)
+    assert check({**raw, "tokenizer": str(tmp_path)}).tokenizer == str(tmp_path)  # a directory with one
+    save(400)
+    with pytest.raises(ConfigError, match=r"tokenizer .* has 400 tokens, more than model\.vocab_size 320"):
+        check({**raw, "tokenizer": str(tmp_path / "tokenizer.json")})
+    assert check({**raw, "tokenizer": "byte"}).tokenizer is None
+    Tokenizer(models.WordLevel({"w0": 0}, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match=r"tokenizer .* cannot be loaded \(.*no eos token found"):
+        check({**raw, "tokenizer": str(tmp_path)})
+
+
+def test_optimizer_settings_of_a_tenant(raw):
+    pytest.importorskip("torch")
+    raw["tenants"][0].update(lr_warmup_iters=2, min_lr=1e-4, weight_decay=0.01, adam_beta2=0.95, clip_grad=0.5)
+    raw["tenants"][1].update(lr_decay_style="constant")
+    a, b = check(raw).tenants
+    hp = a.hyper_params(20)
+    assert (hp.schedule.lr, hp.schedule.min_lr, hp.schedule.warmup_iters, hp.schedule.decay_iters) == (
+        1e-3, 1e-4, 2, 20)
+    assert (hp.schedule.decay_style, hp.weight_decay, hp.betas, hp.eps, hp.clip_grad) == (
+        "cosine", 0.01, (0.9, 0.95), 1e-8, 0.5)
+    assert b.lr_schedule(20).decay_iters is None and b.lr_schedule(20).lr_at(100) == 2e-3
+
+
+def test_tenants_without_valid_data_are_fine_with_eval(raw):
+    run = check({**raw, "eval_interval": 5, "eval_iters": 2})
+    assert [t.valid_data is None for t in run.tenants] == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------- YAML files
+
+
+def test_relative_paths_resolve_against_the_yaml_directory(tmp_path, monkeypatch):
+    write_data(tmp_path / "demo_data" / "a" / "train.jsonl")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "configs" / "tenants").mkdir(parents=True)
+    (tmp_path / "configs" / "tenants" / "d.yaml").write_text(
+        "rank: 2\nlr: 1.0e-3\ntrain_data: ../../demo_data/a/train.jsonl\n")
+    (tmp_path / "configs" / "run.yaml").write_text(yaml.safe_dump({
+        "model": "tiny-dense",
+        "lora": {"max_slots": 2, "max_rank": 8},
+        "tenants": [{"name": "a", "rank": 4, "lr": 1e-3, "train_data": "../demo_data/a/train.jsonl"}],
+        "tenants_dir": "tenants", "load_base": "../base", "save": "ckpt", "train_iters": 3,
+    }))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = validate(load_run_config(Path("..") / "configs" / "run.yaml"))
+    assert run.tenants[0].train_data == str(tmp_path / "demo_data" / "a" / "train.jsonl")
+    assert run.tenants[1].name == "d" and run.tenants[1].train_data == run.tenants[0].train_data
+    assert run.load_base == str(tmp_path / "base") and run.tenants_dir == str(tmp_path / "configs" / "tenants")
+    assert run.save == "ckpt"  # output paths stay relative to the working directory, as in Megatron-LM
+
+
+def test_demo_config_is_valid_for_two_processes(tmp_path):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    for name in ("reverse", "caps", "arith", "echo"):
+        write_data(tmp_path / "demo_data" / name / "train.jsonl")
+        write_data(tmp_path / "demo_data" / name / "valid.jsonl")
+    run = validate(load_run_config(tmp_path / "configs" / "demo.yaml"), 2)
+    assert [(t.name, t.rank) for t in run.tenants] == [("reverse", 8), ("caps", 4), ("arith", 16), ("echo", 8)]
+    assert (run.lora.max_slots, run.lora.max_rank, run.model.num_experts) == (4, 16, 4)
+    assert (run.seq_length, run.micro_batch_size, run.train_iters, run.expert_model_parallel_size) == (64, 4, 60, 2)
+    assert (run.eval_interval, run.eval_iters, run.log_interval) == (20, 2, 5)
+    assert len({t.lr_decay_style for t in run.tenants}) == 3
+    assert all(1e-3 <= t.lr <= 3e-3 and 8 <= t.global_batch_size <= 16 for t in run.tenants)
+    assert run.tenants[0].valid_data == str(tmp_path / "demo_data" / "reverse" / "valid.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- tenants dir
+
+
+def test_tenant_files_and_tenants_dir(raw, data, tmp_path):
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    (tenants / "c.yaml").write_text("rank: 2\nlr: 5.0e-4\ntrain_data: ../data/c/train.jsonl\n")
+    (tenants / "zeta.yml").write_text("name: z\nrank: 4\nlr: 1.0e-3\ntrain_data: ../data/a/train.jsonl\n")
+    (tenants / "notes.txt").write_text("ignored")
+    c = load_tenant_file(tenants / "c.yaml")
+    assert c.name == "c" and c.alpha == 2.0 and c.train_data == str(data / "c" / "train.jsonl")
+    assert [t.name for t in load_tenants_dir(tenants)] == ["c", "z"]
+
+    run = check({**raw, "tenants_dir": str(tenants)})
+    assert [t.name for t in run.tenants] == ["a", "b", "c", "z"]
+    assert run.tenants[2].target_modules == run.lora.target_modules
+    # the dumped config lists every tenant and still names the directory: reloading does not duplicate them
+    assert load_run_config(run.to_dict()) == run
+
+    (tenants / "a.yaml").write_text(f"rank: 2\nlr: 1.0e-3\ntrain_data: {data / 'a/train.jsonl'}\n")
+    with pytest.raises(ConfigError, match=r"tenant 'a' is defined twice, differently: in tenants\[0\] and in "
+                                          r".*a\.yaml"):
+        load_run_config({**raw, "tenants_dir": str(tenants)})
+
+
+def test_tenant_file_errors_use_the_same_validation(raw, tmp_path, data):
+    run = check(raw)
+    bad = tmp_path / "big.yaml"
+    bad.write_text(f"rank: 64\nlr: 1.0e-3\ntrain_data: {data / 'a/train.jsonl'}\n")
+    with pytest.raises(ConfigError, match=r"tenant\.rank 64 exceeds lora\.max_rank 16 "
+                                          r"\(tenant 'big', from .*big\.yaml\)"):
+        validate_tenant(run, load_tenant_file(bad))
+    dup = tmp_path / "a.yaml"
+    dup.write_text(f"rank: 4\nlr: 1.0e-3\ntrain_data: {data / 'a/train.jsonl'}\n")
+    with pytest.raises(ConfigError, match=r"duplicate tenant name 'a'"):
+        validate_tenant(run, load_tenant_file(dup), others=run.tenants)
+    (tmp_path / "typo.yaml").write_text("rank: 4\nlr: 1.0e-3\ntrain_dat: x\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: tenant: unknown key\(s\) 'train_dat'"):
+        load_tenant_file(tmp_path / "typo.yaml")
+    with pytest.raises(ConfigError, match=r"tenants_dir '.*missing' is not a directory"):
+        load_run_config({**raw, "tenants_dir": str(tmp_path / "missing")})
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def run_yaml(raw, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_flags_override_yaml(run_yaml):
+    run = parse_run_config(["--config", str(run_yaml), "--train-iters", "7", "--micro-batch-size", "2",
+                            "--expert-model-parallel-size", "1", "--seq-length", "32", "--max-slots", "3",
+                            "--no-queue", "--eval-interval", "none", "--distributed-backend", "auto",
+                            "--log-interval", "1"], world_size=1)
+    assert (run.train_iters, run.micro_batch_size, run.expert_model_parallel_size, run.seq_length) == (7, 2, 1, 32)
+    assert (run.lora.max_slots, run.lora.max_rank, run.lora.queue) == (3, 16, False)
+    assert run.eval_interval is None and run.log_interval == 1 and run.distributed_backend is None
+    # flags not given leave the YAML (or the defaults) alone
+    same = parse_run_config(["--config", str(run_yaml)], world_size=2)
+    assert same == load_run_config(run_yaml)
+    assert (same.train_iters, same.micro_batch_size, same.seed) == (20, 4, 1234)
+
+
+def test_model_flags(run_yaml):
+    run = parse_run_config(["--config", str(run_yaml), "--num-layers", "2", "--num-experts", "2",
+                            "--moe-router-topk", "1"], world_size=2)
+    assert (run.model.num_layers, run.model.num_experts, run.model.moe_router_topk) == (2, 2, 1)
+    assert run.model.hidden_size == 64  # the rest of the preset stays
+    run = parse_run_config(["--config", str(run_yaml), "--model", "tiny-dense", "--hidden-size", "128",
+                            "--expert-model-parallel-size", "1"], world_size=1)
+    assert not run.model.is_moe and run.model.hidden_size == 128
+    assert run.lora.target_modules == list(DENSE_TARGET_MODULES)
+    with pytest.raises(ConfigError, match=r"--pipeline-model-parallel-size 2 must divide num_layers 3"):
+        parse_run_config(["--config", str(run_yaml), "--num-layers", "3", "--pipeline-model-parallel-size", "2",
+                          "--expert-model-parallel-size", "1"], world_size=2)
+
+
+def test_tenant_default_flags_fill_only_missing_fields(tmp_path, data):
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    (tenants / "x.yaml").write_text(f"train_data: {data / 'a/train.jsonl'}\n")
+    (tenants / "y.yaml").write_text(f"train_data: {data / 'b/train.jsonl'}\nlr: 5.0e-4\nrank: 2\n")
+    run = parse_run_config(["--model", "tiny-dense", "--max-slots", "2", "--max-rank", "8", "--train-iters", "10",
+                            "--tenants-dir", str(tenants), "--lr", "1e-3", "--lora-rank", "4",
+                            "--global-batch-size", "16", "--lr-decay-style", "linear", "--clip-grad", "0"])
+    x, y = run.tenants
+    assert (x.name, x.lr, x.rank, x.global_batch_size, x.lr_decay_style, x.clip_grad) == ("x", 1e-3, 4, 16,
+                                                                                        "linear", 0.0)
+    assert (y.lr, y.rank, y.global_batch_size) == (5e-4, 2, 16)
+    assert run.tenant_defaults["lr"] == 1e-3
+
+
+def test_command_line_paths_are_relative_to_the_working_directory(run_yaml, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    run = parse_run_config(["--config", "run.yaml", "--load-base", "base", "--save", "out"], world_size=2)
+    assert run.load_base == "base" and run.save == "out"
+
+
+def test_world_size_from_environment(run_yaml, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"data-parallel size 1 .* not divisible by expert_model_parallel_size 2"):
+        parse_run_config(["--config", str(run_yaml)])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parse_run_config(["--config", str(run_yaml)]).expert_model_parallel_size == 2
+
+
+def test_cli_errors(run_yaml, capsys):
+    with pytest.raises(ConfigError, match=r"missing required section\(s\) model, lora .*--model"):
+        parse_run_config(["--train-iters", "3"])
+    with pytest.raises(SystemExit):
+        parse_run_config(["--config", str(run_yaml), "--tensor-model-parallel-size", "two"])
+    with pytest.raises(SystemExit):
+        parse_run_config(["--config", str(run_yaml), "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_help_and_print_config(run_yaml, capsys):
+    text = " ".join(build_parser("train").format_help().split())  # argparse wraps lines
+    for expected in ("parallelism:", "LoRA pool:", "tenant defaults:", "--tensor-model-parallel-size TP",
+                     "--expert-model-parallel-size EP", "(default: 1234)", "--lr-decay-style", "tiny-moe",
+                     "--tenants-dir DIR", "--sequence-parallel, --no-sequence-parallel"):
+        assert expected in text, expected
+    with pytest.raises(SystemExit) as exit_info:
+        parse_run_config(["--config", str(run_yaml), "--train-iters", "9", "--print-config"], world_size=2)
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train_iters"] == 9 and load_run_config(printed).train_iters == 9

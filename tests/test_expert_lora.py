@@ -1,0 +1,153 @@
+"""Slot-indexed LoRA on MoE experts: slot ids follow tokens through the dispatcher.
+
+- Layout invariance: per-slot expert (and dense / shared-expert) LoRA gradients at EP=2, TP=2 x EP=2 with SP,
+  and PP=2 (4 layers, 1F1B, activation recompute) equal EP=1.
+- Batch invariance: a tenant's gradients in a mixed batch equal its gradients training alone.
+- No per-expert delta-W (B @ A) is ever formed during forward or backward.
+"""
+
+import pytest
+import torch
+
+from tests import lora_world as W
+from tests.distributed import run_world
+
+N_SAMPLES, MBS = 8, 2
+TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "expert_fc1", "expert_fc2")
+
+
+def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False):
+    from megatron.core import parallel_state as ps
+
+    from megatron_multilora.lora import grads as grad_lib
+    from megatron_multilora.lora.inject import lora_parameters
+    from megatron_multilora.lora.routing import AdapterRouting
+    from megatron_multilora.schedule import forward_backward
+
+    gpt, table = W.build("tiny-moe", layout, base_dir, TARGETS, recompute=recompute)
+    params = [p for _, p in lora_parameters(gpt)]
+    grad_lib.zero_grads(params)
+    tokens, labels, slots = W.batch(N_SAMPLES)
+    if only_slot is not None:  # the same tenant's samples, alone (the others' samples removed)
+        keep = slots == only_slot
+        tokens, labels, slots = tokens[keep], labels[keep], slots[keep]
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per = len(slots) // dp
+    mbs = min(MBS, per)
+    sl = slice(dp_rank * per, (dp_rank + 1) * per)
+    tokens, labels, slots = tokens[sl], labels[sl], slots[sl]
+    batches = [
+        dict(tokens=tokens[i:i + mbs], labels=labels[i:i + mbs], loss_mask=torch.ones(mbs, W.SEQ),
+             routing=AdapterRouting(slots[i:i + mbs], table))
+        for i in range(0, per, mbs)
+    ]
+    watcher = _DeltaWWatcher(table) if watch_delta_w else None
+    with watcher or _nothing():
+        forward_backward(
+            [gpt], batches, num_micro_batches=len(batches), seq_length=W.SEQ, micro_batch_size=mbs,
+            before_forward=lambda b: b["routing"].activate(),
+            after_forward=lambda b, out: b["routing"].bind_to_backward(out),
+        )
+    grad_lib.sync_grads(params)
+    return dict(grads=W.gathered_grads(table), violations=watcher.violations if watcher else [],
+                self_check=watcher.self_check() if watcher else None)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _DeltaWWatcher(table):
+    """Flags every op that combines only LoRA weights (or their gradients) into a tensor at least as large as
+    one expert's delta-W: that is B @ A, however it is spelled."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    experts = [layer for layer in table.layers if layer.lora_kind.startswith("expert_")]
+    smallest = min(layer.lora_A.shape[-1] * layer.lora_B.shape[-2] for layer in experts)
+    storages = set()
+    for layer in experts:
+        for p in (layer.lora_A, layer.lora_B):
+            storages.add(p.untyped_storage().data_ptr())
+            if p.grad is not None:
+                storages.add(p.grad.untyped_storage().data_ptr())
+
+    class Watcher(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.violations = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if len(tensors) >= 2 and all(t.untyped_storage().data_ptr() in storages for t in tensors):
+                if isinstance(out, torch.Tensor) and out.numel() >= smallest:
+                    self.violations.append((str(func), tuple(out.shape)))
+            return out
+
+        def self_check(self):
+            """The watcher does see a delta-W when one is formed."""
+            layer = experts[0]
+            before = len(self.violations)
+            with self:
+                _ = layer.lora_B[0] @ layer.lora_A[0]
+            found = len(self.violations) > before
+            del self.violations[before:]
+            return found
+
+    return Watcher()
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("moe_base"))
+    out = run_world(_run, 1, {}, base, None, False, True)[0]
+    return base, out
+
+
+def test_expert_grads_are_meaningful_and_no_delta_w(reference):
+    _, out = reference
+    assert out["self_check"], "the delta-W watcher cannot see B @ A"
+    assert out["violations"] == []
+    expert = {k: g for k, g in out["grads"].items() if ".experts.local_experts." in k[0]}
+    assert len(expert) == 4 * 4 * 2 * 2  # layers x experts x (fc1, fc2) x (A, B)
+    assert any(".shared_experts." in k[0] for k in out["grads"])
+    for (layer, which), g in expert.items():
+        assert not g[3].any(), f"idle slot has a gradient in {layer}.{which}"
+    # every tenant reaches some expert (targets include experts for all three)
+    for slot in range(3):
+        assert any(g[slot].abs().max() > 0 for g in expert.values())
+
+
+LAYOUTS = [
+    (dict(ep=2), 2, False),
+    (dict(tp=2, ep=2, sp=True), 4, False),
+    (dict(pp=2), 2, True),
+]
+
+
+@pytest.mark.parametrize("layout,world,recompute", LAYOUTS, ids=lambda x: str(x))
+def test_expert_grads_are_layout_invariant(reference, layout, world, recompute):
+    base, ref = reference
+    outs = run_world(_run, world, layout, base, None, recompute)
+    grads = W.merge([o["grads"] for o in outs])
+    assert set(grads) == set(ref["grads"])
+    for key, r in ref["grads"].items():
+        assert _rel(grads[key], r) <= 1e-5, (key, _rel(grads[key], r))
+
+
+@pytest.mark.parametrize("slot", [0, 2])
+def test_expert_grads_are_batch_invariant(reference, slot):
+    base, ref = reference
+    alone = run_world(_run, 1, {}, base, slot)[0]["grads"]
+    for key, r in ref["grads"].items():
+        assert _rel(alone[key][slot], r[slot]) <= 1e-5, (key, _rel(alone[key][slot], r[slot]))
+        others = [s for s in range(4) if s != slot]
+        assert not alone[key][others].any()

@@ -1,0 +1,320 @@
+"""Hugging Face import: tiny random transformers models (Llama with GQA and a sharded safetensors save, Qwen2 with
+qkv bias and tied embeddings, Mixtral, Qwen2-MoE with a gated shared expert and pre-softmax routing, Qwen3-MoE
+with q/k norms and head_dim != hidden / heads) are saved with save_pretrained, imported (the Llama one through
+the command line), and our GPTModel loaded from the import gives transformers' logits at TP=1 and at TP=2
+(dense) / EP=2 (MoE). A Megatron-LM-style torch_dist save directory of the imported Llama loads too."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_world
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, rms_norm_eps=1e-5)
+
+
+def _hf_models():
+    from transformers import (LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig)
+
+    rope = lambda theta: dict(rope_parameters={"rope_type": "default", "rope_theta": theta})  # noqa: E731
+    return {
+        "llama": LlamaConfig(**COMMON, intermediate_size=96, tie_word_embeddings=False, **rope(5000.0)),
+        "qwen2": Qwen2Config(**COMMON, intermediate_size=96, tie_word_embeddings=True, **rope(20000.0)),
+        "mixtral": MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                 **rope(1e6)),
+        "qwen2moe": Qwen2MoeConfig(**COMMON, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                   norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], **rope(1e4)),
+        "qwen3moe": Qwen3MoeConfig(**COMMON, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=32, norm_topk_prob=True, head_dim=32,
+                                   decoder_sparse_step=1, mlp_only_layers=[], **rope(1e4)),
+    }
+
+
+MOE = ("mixtral", "qwen2moe", "qwen3moe")
+
+
+def _randomize(model):
+    """Every weight random (HF zero-inits biases and sets norms to 1, which would hide mapping mistakes)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("gate.weight") and "shared_expert" not in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))  # decisive routing: no near-ties
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Worker functions (run in spawned gloo processes)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _forward(base_dir, layout):
+    """Our model at a layout, loaded from base_dir with the config of base_dir: full-vocab logits [b, s, v]."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_multilora import checkpointing, platform
+    from megatron_multilora import model as M
+
+    tp, ep = layout.get("tp", 1), layout.get("ep", 1)
+    platform.initialize_model_parallel(platform.ParallelLayout(tp, 1, ep, False), seed=5)
+    mc = checkpointing.load_base_model_config(base_dir)
+    gpt = M.build_gpt_model(mc, M.transformer_config(mc, tensor_model_parallel_size=tp,
+                                                     expert_model_parallel_size=ep))
+    checkpointing.load_base(gpt, base_dir)
+    gpt.eval()
+    with torch.no_grad():
+        logits = gpt(TOKENS, M.position_ids(TOKENS), M.causal_attention_mask(TOKENS.shape[1]))
+        return gather_from_tensor_model_parallel_region(logits)
+
+
+def _write_megatron_lm_save(base_dir, save_dir):
+    """A Megatron-LM-style save dir of our base checkpoint: <save>/latest_checkpointed_iteration.txt and
+    iter_0000007/ holding {"model": sharded_state_dict, "args": Namespace, ...} (what Megatron-LM's torch_dist
+    save writes), with MoE pre-MLP norms under the key Megatron-LM's transformer-engine spec uses."""
+    from argparse import Namespace
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_multilora import checkpointing
+    from megatron_multilora import model as M
+
+    mc = checkpointing.load_base_model_config(base_dir)
+    gpt = M.build_gpt_model(mc, M.transformer_config(mc))
+    checkpointing.load_base(gpt, base_dir)
+    args = Namespace(
+        num_layers=mc.num_layers, hidden_size=mc.hidden_size, num_attention_heads=mc.num_attention_heads,
+        group_query_attention=True, num_query_groups=mc.num_query_groups, ffn_hidden_size=mc.ffn_hidden_size,
+        kv_channels=mc.hidden_size // mc.num_attention_heads, padded_vocab_size=mc.vocab_size,
+        max_position_embeddings=mc.max_position_embeddings, rotary_base=int(mc.rotary_base),
+        norm_epsilon=mc.norm_epsilon, untie_embeddings_and_output_weights=True, add_qkv_bias=False,
+        add_bias_linear=False, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+        rotary_percent=1.0, num_experts=mc.num_experts, bf16=False, fp16=False, params_dtype=torch.float32,
+    )
+    sharded = checkpointing._base_sharded_state_dict(gpt)
+    if mc.is_moe:
+        args.__dict__.update(moe_router_topk=mc.moe_router_topk, moe_ffn_hidden_size=mc.moe_ffn_hidden_size,
+                             moe_router_pre_softmax=mc.moe_router_pre_softmax, moe_layer_freq=1,
+                             moe_router_score_function="softmax")
+        for t in sharded.values():
+            if t.key.endswith(".mlp.linear_fc1.layer_norm_weight"):
+                t.key = t.key.replace(".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight")
+    iter_dir = Path(save_dir) / "iter_0000007"
+    iter_dir.mkdir(parents=True)
+    dist_checkpointing.save({"model": sharded, "args": args, "iteration": 7, "checkpoint_version": 3.0},
+                            str(iter_dir))
+    (Path(save_dir) / "latest_checkpointed_iteration.txt").write_text("7")
+
+
+def _import_and_forward(hf_dirs, base_dirs, megatron_lm_saves):
+    from megatron_multilora import hf, platform
+
+    platform.initialize_model_parallel(platform.ParallelLayout(), seed=5)
+    out = {}
+    for name, hf_dir in hf_dirs.items():
+        if name != "llama":  # llama was imported by the command line
+            hf.import_hf(hf_dir, base_dirs[name])
+        out[name] = _forward(base_dirs[name], {})
+    for name, save_dir in megatron_lm_saves.items():
+        _write_megatron_lm_save(base_dirs[name], save_dir)
+        out["megatron_lm_" + name] = _forward(save_dir, {})
+    return out
+
+
+def _load_at_layouts(base_dirs, megatron_lm_saves):
+    out = {}
+    for name, base_dir in base_dirs.items():
+        out[name] = _forward(base_dir, {"ep": 2} if name in MOE else {"tp": 2})
+    for name, save_dir in megatron_lm_saves.items():
+        out["megatron_lm_" + name] = _forward(save_dir, {"ep": 2} if name in MOE else {"tp": 2})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hf_import")
+    hf_dirs, base_dirs, reference, hf_models = {}, {}, {}, {}
+    for name, config in _hf_models().items():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        _randomize(model)
+        hf_dirs[name], base_dirs[name] = str(root / f"hf_{name}"), str(root / f"base_{name}")
+        # llama: sharded (model.safetensors.index.json + several files)
+        model.save_pretrained(hf_dirs[name], max_shard_size="40KB" if name == "llama" else "50GB")
+        with torch.no_grad():
+            reference[name] = model(TOKENS).logits
+        hf_models[name] = model
+    assert (Path(hf_dirs["llama"]) / "model.safetensors.index.json").exists()
+
+    cli = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "import-hf",
+         "--hf-dir", hf_dirs["llama"], "--save", base_dirs["llama"]],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    megatron_lm_saves = {name: str(root / f"megatron_lm_{name}") for name in ("llama", "mixtral")}
+    tp1 = run_world(_import_and_forward, 1, hf_dirs, base_dirs, megatron_lm_saves)[0]
+    parallel = run_world(_load_at_layouts, 2, base_dirs, megatron_lm_saves)
+    return dict(reference=reference, tp1=tp1, parallel=parallel, hf_dirs=hf_dirs, base_dirs=base_dirs,
+                hf_models=hf_models)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral", "qwen2moe", "qwen3moe"])
+def test_logits_match_transformers_tp1(results, name):
+    got, ref = results["tp1"][name], results["reference"][name]
+    assert got.shape == ref.shape
+    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral", "qwen2moe", "qwen3moe"])
+def test_logits_match_transformers_tp2_or_ep2(results, name):
+    ref = results["reference"][name]
+    for rank_logits in results["parallel"]:
+        assert rank_logits[name].shape == ref.shape
+        assert _rel(rank_logits[name], ref) <= 1e-5, _rel(rank_logits[name], ref)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_megatron_lm_save_dir_loads(results, name):
+    """`--load-base <save>` with latest_checkpointed_iteration.txt, the model config from the stored Megatron-LM
+    args, and (MoE) the pre-MLP norm under transformer-engine's key: TP=1 and TP=2 / EP=2."""
+    ref = results["reference"][name]
+    assert _rel(results["tp1"]["megatron_lm_" + name], ref) <= 1e-5
+    for rank_logits in results["parallel"]:
+        assert _rel(rank_logits["megatron_lm_" + name], ref) <= 1e-5
+
+
+def test_model_yaml_written(results):
+    from megatron_multilora.checkpointing import load_base_model_config
+
+    mc = load_base_model_config(results["base_dirs"]["qwen3moe"])
+    assert (mc.kv_channels, mc.qk_layernorm, mc.num_experts, mc.moe_router_pre_softmax) == (32, True, 4, False)
+    mc = load_base_model_config(results["base_dirs"]["qwen2moe"])
+    assert (mc.moe_shared_expert_intermediate_size, mc.moe_shared_expert_gate, mc.moe_router_pre_softmax,
+            mc.add_qkv_bias) == (48, True, True, True)
+    mc = load_base_model_config(results["base_dirs"]["qwen2"])
+    assert (mc.untie_embeddings_and_output_weights, mc.add_qkv_bias, mc.rotary_base) == (False, True, 20000.0)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2moe"])
+def test_packed_experts_convert_like_saved_ones(results, name):
+    """transformers 5 keeps experts packed in memory (gate_up_proj [E, 2*ffn, h], down_proj [E, h, ffn]) and
+    save_pretrained writes them per expert: both layouts convert to the same megatron tensors."""
+    from megatron_multilora import hf
+
+    hf_dir = results["hf_dirs"][name]
+    config = hf.read_hf_config(hf_dir)
+    mc = hf.model_config_from_hf(config)
+    in_memory = results["hf_models"][name].state_dict()
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in in_memory)
+    packed = hf.convert_hf_state_dict(in_memory, config, mc)
+    saved = hf.convert_hf_state_dict(hf.HFCheckpoint(hf_dir), config, mc)
+    assert packed.keys() == saved.keys()
+    for k in saved:
+        assert torch.equal(packed[k], saved[k]), k
+
+
+# --------------------------------------------------------------------------------------------------------
+# Config mapping and errors (no model, no process group)
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megatron_multilora import hf
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    with pytest.raises(hf.UnsupportedModelError) as e:
+        hf.model_config_from_hf(tmp_path / "gpt2")
+    for word in ("GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"):
+        assert word in str(e.value)
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert_checkpoint
+    finally:
+        sys.path.pop(0)
+    assert convert_checkpoint.main(["import-hf", "--hf-dir", str(tmp_path / "gpt2"), "--save",
+                                    str(tmp_path / "out")]) == 2
+    assert "GPT2LMHeadModel is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _config(kind, **kw):
+    from transformers import LlamaConfig, MistralConfig, Qwen2MoeConfig
+
+    cls = dict(llama=LlamaConfig, mistral=MistralConfig, qwen2moe=Qwen2MoeConfig)[kind]
+    d = cls(**COMMON, intermediate_size=96, **kw).to_dict()
+    d["architectures"] = [cls.__name__.replace("Config", "ForCausalLM")]
+    return d
+
+
+@pytest.mark.parametrize("kind,kw,expected", [
+    ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 32}), "RoPE scaling 'llama3'"),
+    ("llama", dict(attention_bias=True), "attention_bias=true"),
+    ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    ("qwen2moe", dict(num_experts=4, mlp_only_layers=[1]), "dense layers between MoE layers"),
+])
+def test_unsupported_features_are_named(kind, kw, expected):
+    from megatron_multilora import hf
+
+    with pytest.raises(hf.UnsupportedModelError, match="supported Hugging Face architectures") as e:
+        hf.model_config_from_hf(_config(kind, **kw))
+    assert expected in str(e.value)
+
+
+def test_sliding_window_caps_max_positions(capsys):
+    from megatron_multilora import hf
+
+    notes = []
+    mc = hf.model_config_from_hf(_config("mistral", sliding_window=32), notes=notes)
+    assert mc.max_position_embeddings == 32 and "sliding_window 32" in notes[0]
+    assert hf.model_config_from_hf(_config("mistral", sliding_window=None)).max_position_embeddings == 64
+
+
+def test_print_config(results, capsys):
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert_checkpoint
+    finally:
+        sys.path.pop(0)
+    assert convert_checkpoint.main(["import-hf", "--hf-dir", results["hf_dirs"]["mixtral"], "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["num_experts"] == 4 and printed["moe_router_pre_softmax"] is False
+    assert printed["moe_ffn_hidden_size"] == 48 and printed["rotary_base"] == 1e6
+
+
+def test_missing_tensor_is_named(results):
+    from megatron_multilora import hf
+
+    config = hf.read_hf_config(results["hf_dirs"]["llama"])
+    state = dict(results["hf_models"]["llama"].state_dict())
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(hf.HFCheckpointError, match="lacks model.layers.1.self_attn.k_proj.weight"):
+        hf.convert_hf_state_dict(state, config, hf.model_config_from_hf(config))

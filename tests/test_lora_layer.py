@@ -1,0 +1,280 @@
+"""Layer-level batch invariance of slot-indexed LoRA against an independent plain-PyTorch reference.
+
+One megatron ColumnParallelLinear (linear_qkv) and one RowParallelLinear (linear_proj) are wrapped the way
+inject does it, in a 4-slot pool of max rank 16 holding tenants of ranks 4 / 8 (rsLoRA) / 16 with different
+alphas, one idle slot and one base-only sample. Each sample's output and every gradient must equal what the
+tenant would get alone from y = x W^T + s (x A^T) B^T with A, B sliced to the tenant's rank. A single spawned
+process (megatron needs its parallel state) computes everything; the tests below only compare.
+"""
+
+import pytest
+import torch
+
+from megatron_multilora.lora.routing import AdapterRouting
+from megatron_multilora.lora.slots import LoRASpec, SlotTable
+from tests.distributed import run_world
+
+SEQ, IN, MID = 5, 64, 96  # qkv: 64 -> 96 (column-parallel), proj: 96 -> 64 (row-parallel)
+MAX_SLOTS, MAX_RANK = 4, 16
+TENANTS = [  # name, rank, alpha, rslora
+    ("t4", 4, 8.0, False),
+    ("t8", 8, 4.0, True),
+    ("t16", 16, 32.0, False),
+]
+SLOTS = [1, 1, 0, 0, -1, 2, 2, 2]  # grouped by slot, a base-only sample in the middle; slot 3 idle
+DROP_SLOTS = [0, 0, 3, 3, 3, -1, 1, 2]  # slot 3 then holds a tenant with dropout 0.5
+LAYERS = ("qkv", "proj")
+TOL = 1e-5
+
+
+def _scale(rank, alpha, rslora):
+    return alpha / (rank**0.5 if rslora else rank)
+
+
+def _reference(x, w, slots, adapters, g):
+    """Plain PyTorch, sample by sample: y_n = x_n W^T (+ s (x_n A^T) B^T if the sample has a slot).
+    adapters: slot -> (A [r, in], B [out, r], s). Returns y, dx, {slot: (dA, dB)}."""
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone()
+    leaves = {s: (a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True), sc)
+              for s, (a, b, sc) in adapters.items()}
+    cols = []
+    for n, s in enumerate(slots):
+        xn = x[:, n]
+        yn = xn @ w.t()
+        if s >= 0:
+            a, b, sc = leaves[s]
+            yn = yn + sc * ((xn @ a.t()) @ b.t())
+        cols.append(yn)
+    y = torch.stack(cols, dim=1)
+    (y * g).sum().backward()
+    return y.detach(), x.grad, {s: (a.grad, b.grad) for s, (a, b, _) in leaves.items()}
+
+
+def _layers(table, config, weights=None):
+    """A LoRA-wrapped column-parallel qkv and row-parallel proj registered in `table` (frozen base)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_multilora.lora.linear import lora_class
+
+    col = ColumnParallelLinear(IN, MID, config=config, init_method=torch.nn.init.normal_, bias=False,
+                               gather_output=False, skip_bias_add=True)
+    row = RowParallelLinear(MID, IN, config=config, init_method=torch.nn.init.normal_, bias=False,
+                            input_is_parallel=True, skip_bias_add=True)
+    out = {}
+    for key, module, kind, column in (("qkv", col, "linear_qkv", True), ("proj", row, "linear_proj", False)):
+        if weights is not None:
+            with torch.no_grad():
+                module.weight.copy_(weights[key])
+        module.weight.requires_grad_(False)
+        module.__class__ = lora_class(type(module))
+        module.attach_lora(table, kind, f"layer.{key}", column=column, tp_group=module.tp_group,
+                           sequence_parallel=False)
+        table.layers.append(module)
+        out[key] = module
+    return out
+
+
+def _run(layers, x, slots, table, g):
+    """Forward + backward of each layer on its own input under the routing; returns outputs and grads."""
+    routing = AdapterRouting(slots, table)
+    res = {}
+    for key, layer in layers.items():
+        xi = x[key].detach().clone().requires_grad_(True)
+        for p in (layer.lora_A, layer.lora_B):
+            p.grad = None
+        with routing.active():
+            y, bias = layer(xi)
+        assert bias is None
+        (y * g[key]).sum().backward()
+        res[key] = dict(
+            y=y.detach().clone(), dx=xi.grad.clone(), dA=layer.lora_A.grad.clone(),
+            dB=layer.lora_B.grad.clone(), weight_grad_none=layer.weight.grad is None,
+        )
+    return res
+
+
+def _worker():
+    from megatron_multilora import platform
+    from megatron_multilora.config import model_config_from
+    from megatron_multilora.model import transformer_config
+
+    platform.initialize_model_parallel(platform.ParallelLayout(), seed=11)
+    config = transformer_config(model_config_from("tiny-dense"))
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    table = SlotTable(MAX_SLOTS, MAX_RANK, seed=7)
+    layers = _layers(table, config)
+    init_a, adapters = {}, {k: {} for k in LAYERS}
+    for name, rank, alpha, rslora in TENANTS:
+        slot = table.acquire(name, LoRASpec(rank=rank, alpha=alpha, rslora=rslora))
+        for key, layer in layers.items():
+            init_a[(name, key)] = layer.lora_A[slot].detach().clone()
+            a = rnd(*layer.global_shape("a", rank))
+            b = rnd(*layer.global_shape("b", rank))
+            layer.set_slot(slot, a=a, b=b)
+            adapters[key][slot] = (a, b, _scale(rank, alpha, rslora))
+    n = len(SLOTS)
+    x = {"qkv": rnd(SEQ, n, IN), "proj": rnd(SEQ, n, MID)}
+    g = {"qkv": rnd(SEQ, n, MID), "proj": rnd(SEQ, n, IN)}
+    weights = {k: layer.weight.detach().clone() for k, layer in layers.items()}
+
+    out = dict(weights=weights, adapters=adapters, x=x, g=g)
+    out["multi"] = _run(layers, x, SLOTS, table, g)
+    out["ref"] = {
+        key: _reference(x[key], weights[key], SLOTS, adapters[key], g[key]) for key in LAYERS
+    }
+
+    # The rank-4 tenant alone in a max-rank-4 pool (same seed, same layer names, same weights).
+    small = SlotTable(1, 4, seed=7)
+    small_layers = _layers(small, config, weights)
+    name, rank, alpha, rslora = TENANTS[0]
+    small.acquire(name, LoRASpec(rank=rank, alpha=alpha, rslora=rslora))
+    out["small_init_a"] = {k: small_layers[k].lora_A[0].detach().clone() for k in LAYERS}
+    out["big_init_a"] = {k: init_a[(name, k)] for k in LAYERS}
+    for key, layer in small_layers.items():
+        a, b, _ = adapters[key][0]
+        layer.set_slot(0, a=a, b=b)
+    idx = [i for i, s in enumerate(SLOTS) if s == 0]
+    out["small_idx"] = idx
+    out["small"] = _run(small_layers, {k: v[:, idx] for k, v in x.items()}, [0] * len(idx), small,
+                        {k: v[:, idx] for k, v in g.items()})
+
+    # LoRA dropout: a tenant with dropout 0.5 in the idle slot 3; training vs eval mode.
+    slot = table.acquire("drop", LoRASpec(rank=8, alpha=16.0, dropout=0.5))
+    assert slot == 3
+    drop = {}
+    for key, layer in layers.items():
+        a, b = rnd(*layer.global_shape("a", 8)), rnd(*layer.global_shape("b", 8))
+        layer.set_slot(slot, a=a, b=b)
+        xd = rnd(SEQ, len(DROP_SLOTS), x[key].shape[-1])
+        routing = AdapterRouting(DROP_SLOTS, table)
+        res = {}
+        with torch.no_grad(), routing.active():
+            for mode in ("train", "eval"):
+                layer.train(mode == "train")
+                res[mode] = layer(xd)[0]
+            layer.set_slot(slot, a=a, b=torch.zeros_like(b))  # no LoRA delta: dropout must change nothing
+            layer.train(True)
+            res["train_b0"] = layer(xd)[0]
+            layer.train(False)
+            res["eval_b0"] = layer(xd)[0]
+        ads = dict(adapters[key])
+        ads[3] = (a, b, 16.0 / 8)
+        res["ref_eval"] = _reference(xd, weights[key], DROP_SLOTS, ads, torch.zeros_like(res["eval"]))[0]
+        drop[key] = res
+    out["drop"] = drop
+    return out
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_world(_worker, 1)[0]
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("key", LAYERS)
+def test_outputs_match_reference(world, key):
+    y, ref_y = world["multi"][key]["y"], world["ref"][key][0]
+    assert _rel(y, ref_y) <= TOL
+    # The adapters change every adapted sample noticeably, so the comparison above is not vacuous.
+    base = torch.einsum("lni,oi->lno", world["x"][key], world["weights"][key])
+    for n, s in enumerate(SLOTS):
+        if s >= 0:
+            assert _rel(base[:, n], ref_y[:, n]) > 1e-2, f"sample {n}: LoRA delta is negligible"
+        else:
+            assert _rel(y[:, n], base[:, n]) <= TOL, "the base-only sample is not base-only"
+
+
+@pytest.mark.parametrize("key", LAYERS)
+def test_input_gradient_matches_reference(world, key):
+    dx, ref_dx = world["multi"][key]["dx"], world["ref"][key][1]
+    assert _rel(dx, ref_dx) <= TOL
+    base_dx = torch.einsum("lno,oi->lni", world["g"][key], world["weights"][key])
+    n = SLOTS.index(-1)
+    assert _rel(dx[:, n], base_dx[:, n]) <= TOL, "the base-only sample's input gradient has a LoRA term"
+
+
+@pytest.mark.parametrize("key", LAYERS)
+def test_per_slot_weight_gradients_match_reference(world, key):
+    res, ref = world["multi"][key], world["ref"][key][2]
+    for slot, (_name, rank, _alpha, _rs) in enumerate(TENANTS):
+        da, db = ref[slot]
+        assert _rel(res["dA"][slot, :rank], da) <= TOL, (slot, "A")
+        assert _rel(res["dB"][slot, :, :rank], db) <= TOL, (slot, "B")
+        assert da.abs().max() > 0 and db.abs().max() > 0
+        assert not res["dA"][slot, rank:].any(), f"slot {slot}: A gradient beyond rank {rank}"
+        assert not res["dB"][slot, :, rank:].any(), f"slot {slot}: B gradient beyond rank {rank}"
+    assert not res["dA"][3].any() and not res["dB"][3].any(), "the idle slot got a gradient"
+
+
+@pytest.mark.parametrize("key", LAYERS)
+def test_frozen_base_gets_no_gradient(world, key):
+    assert world["multi"][key]["weight_grad_none"]
+    assert world["small"][key]["weight_grad_none"]
+
+
+@pytest.mark.parametrize("key", LAYERS)
+def test_rank4_tenant_in_max16_pool_equals_max4_pool(world, key):
+    # Deterministic initialisation does not depend on the pool's max rank.
+    big_a, small_a = world["big_init_a"][key], world["small_init_a"][key]
+    assert small_a.shape[0] == 4 and big_a.shape[0] == MAX_RANK
+    assert torch.equal(big_a[:4], small_a) and not big_a[4:].any()
+    assert small_a.abs().max() > 0
+
+    big, small, idx = world["multi"][key], world["small"][key], world["small_idx"]
+    assert _rel(small["y"], big["y"][:, idx]) <= TOL
+    assert _rel(small["dx"], big["dx"][:, idx]) <= TOL
+    assert _rel(small["dA"][0], big["dA"][0, :4]) <= TOL
+    assert _rel(small["dB"][0], big["dB"][0, :, :4]) <= TOL
+
+
+@pytest.mark.parametrize("key", LAYERS)
+def test_dropout_changes_only_its_own_tenant(world, key):
+    d = world["drop"][key]
+    mine = [n for n, s in enumerate(DROP_SLOTS) if s == 3]
+    others = [n for n, s in enumerate(DROP_SLOTS) if s != 3]
+    assert torch.equal(d["train"][:, others], d["eval"][:, others]), "dropout leaked into other samples"
+    assert not torch.equal(d["train"][:, mine], d["eval"][:, mine]), "dropout had no effect in training"
+    assert _rel(d["eval"], d["ref_eval"]) <= TOL, "eval mode must not apply dropout"
+    # With B = 0 the delta vanishes: the base path never sees the tenant's dropout.
+    assert torch.equal(d["train_b0"], d["eval_b0"])
+
+
+def _table():
+    table = SlotTable(MAX_SLOTS, MAX_RANK)
+    for name, rank, alpha, rslora in TENANTS:
+        table.acquire(name, LoRASpec(rank=rank, alpha=alpha, rslora=rslora))
+    return table
+
+
+def test_routing_segments_follow_the_table():
+    table = _table()
+    segs = AdapterRouting(SLOTS, table).segments("linear_qkv")
+    assert [(s.slot, s.start, s.end, s.rank) for s in segs] == [(1, 0, 2, 8), (0, 2, 4, 4), (2, 5, 8, 16)]
+    assert segs[0].scale == pytest.approx(4.0 / 8**0.5) and segs[1].scale == pytest.approx(2.0)
+
+
+def test_routing_rejects_non_contiguous_slots():
+    with pytest.raises(ValueError, match="slot 0 are not contiguous"):
+        AdapterRouting([0, 0, 1, 0], _table())
+    with pytest.raises(ValueError, match="not contiguous"):
+        AdapterRouting([0, -1, 1, 2, 1], _table())
+
+
+def test_routing_allows_split_base_only_samples():
+    segs = AdapterRouting([-1, 0, -1, 1, -1], _table()).segments("linear_proj")
+    assert [(s.slot, s.start, s.end) for s in segs] == [(0, 1, 2), (1, 3, 4)]
+
+
+@pytest.mark.parametrize("slot", [3, 4, 99, -2, -5])
+def test_routing_rejects_a_slot_no_tenant_holds(slot):
+    # 3 is an idle slot; 4 and 99 are past the table; -2 / -5 must not wrap around to slots 2 / 3.
+    with pytest.raises(ValueError, match=f"slot {slot}, which no tenant holds"):
+        AdapterRouting([0, slot, slot], _table())
