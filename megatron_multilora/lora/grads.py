@@ -2,7 +2,8 @@
 
 Gradients are token-SUMS (never means) until the optimizer scales each slot by its own token count, so plain
 all-reduce sums are exactly right: over the data-parallel group (the expert-data-parallel group for expert
-LoRA), and over the tensor-parallel group for replicated factors whose gradient came from a sequence shard.
+LoRA), and over the (expert) tensor-parallel group for replicated factors whose gradient is a partial sum
+(a sequence shard, or an expert's share under the dispatcher's communication).
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ def sync_grads(params) -> None:
     from megatron.core import parallel_state as ps
 
     grads = [p.grad for p in params]
-    _all_reduce_coalesced(
-        [p.grad for p in params if getattr(p, "sequence_parallel", False)], ps.get_tensor_model_parallel_group()
-    )
+    by_group = {}
+    for p in params:
+        group = getattr(p, "partial_grad_group", None)
+        if group is not None:
+            by_group.setdefault(group, []).append(p.grad)
+    for group in sorted(by_group, key=lambda g: dist.get_process_group_ranks(g)):  # same order on every rank
+        _all_reduce_coalesced(by_group[group], group)
     expert = [g for p, g in zip(params, grads) if getattr(p, "norm_group", "dense") == "expert"]
     dense = [g for p, g in zip(params, grads) if getattr(p, "norm_group", "dense") != "expert"]
     _all_reduce_coalesced(dense, ps.get_data_parallel_group())

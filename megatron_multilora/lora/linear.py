@@ -6,11 +6,12 @@ Sharding (the one place that decides it; checkpoints and initialisation follow `
   [gate; up] per rank). Only the rank-sized h = x A^T crosses ranks: without SP it enters the TP region with
   megatron's copy (backward all-reduce, so dA sees every rank's dY B); with SP it is all-gathered along the
   sequence (backward reduce-scatter) and dA, computed from local tokens, is partial: A is marked
-  `sequence_parallel` so its gradient is summed over the TP group once per step, as megatron does for norms.
+  `partial_grad_group` so its gradient is summed over the TP group once per step, as megatron does for norms
+  under sequence parallelism.
 - Row-parallel base (linear_proj, linear_fc2; W split on its input columns): A [r, in] is split on its
   columns like W and B [out, r] is replicated. h = x_i A_i^T is a partial sum: all-reduced without SP,
   reduce-scattered along the sequence with SP (then B's gradient is partial and B is marked
-  `sequence_parallel`).
+  `partial_grad_group`).
 Either way each factor is sharded along the same axis as the base weight and the other is replicated, and the
 only collective is on h, which is rank-sized, not hidden-sized.
 """
@@ -37,6 +38,11 @@ class SlotLoRALinear:
         self.lora_tp_group = tp_group
         self.lora_tp_size, self.lora_tp_rank = tp_group.size(), tp_group.rank()
         self.lora_sequence_parallel = sequence_parallel and self.lora_tp_size > 1
+        # Experts under TP/EP leave their communication to the token dispatcher (megatron's
+        # explicit_expert_comm): the dispatcher's all-gather / reduce-scatter already sum the partial inputs'
+        # gradients and outputs, so h needs no collective of its own -- only the replicated factor's gradient,
+        # computed from this rank's partial products, is summed over the (expert) TP group at step time.
+        self.lora_dispatcher_comm = getattr(self, "explicit_expert_comm", False)
         # A gated fc1 stores [gate; up] and each TP rank holds [gate_i; up_i]: B's rows are split the same way.
         self.lora_out_blocks = 2 if kind.endswith("fc1") and self.config.gated_linear_unit else 1
         dtype, device = self.weight.dtype, self.weight.device
@@ -50,7 +56,9 @@ class SlotLoRALinear:
         sharded.partition_stride = 1
         replicated.tensor_model_parallel = False
         replicated.norm_duplicate = self.lora_tp_rank != 0  # counted once in per-slot grad norms
-        replicated.sequence_parallel = self.lora_sequence_parallel  # gradient summed over TP at step time
+        partial = self.lora_tp_size > 1 and (self.lora_sequence_parallel or self.lora_dispatcher_comm)
+        # A gradient that is a partial sum over this TP group (summed once per step by lora.grads).
+        replicated.partial_grad_group = tp_group if partial else None
         self.lora_token_segments = None  # set per forward by the experts wrapper (expert linears only)
         for p in (self.lora_A, self.lora_B):
             p.lora_param = True
@@ -147,7 +155,7 @@ class SlotLoRALinear:
         from megatron.core import tensor_parallel as tpm
 
         group = self.lora_tp_group
-        if self.lora_tp_size == 1:
+        if self.lora_tp_size == 1 or self.lora_dispatcher_comm:
             return h
         if self.lora_column:
             if self.lora_sequence_parallel:
