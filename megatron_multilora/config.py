@@ -41,6 +41,7 @@ class ModelConfig:
     kv_channels: int | None = None  # attention head size; None = hidden_size / num_attention_heads (Qwen3: 128)
     qk_layernorm: bool = False  # RMSNorm of each query / key head before RoPE (Qwen3)
     params_dtype: str = "float32"
+    init_method_std: float = 0.02  # random initialisation of a base that is not imported (Megatron's flag)
     # MoE (num_experts None = dense)
     num_experts: int | None = None
     moe_router_topk: int = 2

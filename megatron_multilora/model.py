@@ -34,6 +34,7 @@ def transformer_config(
         ffn_hidden_size=model.ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
+        init_method_std=model.init_method_std,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
