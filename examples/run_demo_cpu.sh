@@ -10,8 +10,8 @@ rm -rf "$OUT"
 
 DISTRIBUTED_ARGS=(--nproc-per-node 2 --nnodes 1 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29517}")
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size 2)
-TRAINING_ARGS=(--config configs/demo.yaml --micro-batch-size 4 --seq-length 64 --train-iters "${TRAIN_ITERS:-60}")
-EVAL_AND_LOGGING_ARGS=(--eval-interval 20 --eval-iters 2 --log-interval 5
+TRAINING_ARGS=(--config configs/demo.yaml --micro-batch-size 4 --seq-length 64 --train-iters "${TRAIN_ITERS:-150}")
+EVAL_AND_LOGGING_ARGS=(--eval-interval 50 --eval-iters 2 --log-interval 10
                        --tensorboard-dir "$OUT/tensorboard" --metrics-file "$OUT/metrics.jsonl" --save "$OUT/checkpoints")
 
 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore .venv/bin/torchrun "${DISTRIBUTED_ARGS[@]}" -m megatron_multilora.train \
