@@ -9,22 +9,27 @@ is not touched at all.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import checkpointing, platform
 from . import model as model_lib
-from .config import RunConfig, TenantConfig
-from .data.datasets import TenantDataset
+from . import tenant_checkpoint as ckpt
+from .config import ConfigError, RunConfig, TenantConfig, tenant_from_dict
+from .data.datasets import DataError, TenantDataset
 from .data.source import PAD_SLOT, MultiAdapterDataSource
 from .data.tokenizer import build_tokenizer
 from .lora import grads as grad_lib
 from .lora.inject import inject_lora, lora_parameters
 from .lora.routing import AdapterRouting
-from .lora.slots import LoRASpec, SlotTable
+from .lifecycle import TenantsDirWatcher, kill_point
+from .lora.slots import LoRASpec, SlotError, SlotTable, check_tenant_name
 from .metrics import MetricsWriter
 from .optim import SlotOptimizer
 from .schedule import forward_backward, token_loss_func
@@ -55,6 +60,36 @@ def _reduce_sq_norms(sq_norms: dict) -> torch.Tensor:
         dist.all_reduce(part, group=group)
         total = part if total is None else total + part
     return total
+
+
+def _check_same_adapter(tc: TenantConfig, saved: dict, where) -> None:
+    """A tenant resuming from a checkpoint under a (possibly edited) config keeps its adapter's shape."""
+    diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in (
+        ("rank", tc.rank), ("alpha", float(tc.alpha)), ("rslora", tc.rslora),
+        ("targets", sorted(tc.target_modules or saved["targets"]))) if saved[k] != v]
+    if diffs:
+        raise ckpt.CheckpointError(f"tenant {tc.name!r}: its config does not match its checkpoint {where}: "
+                                   + ", ".join(diffs) + " (use a new name to train a different adapter)")
+
+
+@dataclass
+class TenantScope:
+    """One tenant scoped for evaluation (see MultiLoRATrainer.scoped)."""
+
+    trainer: "MultiLoRATrainer"
+    name: str
+    slot: int
+    valid: TenantDataset | None
+
+    eval_count: int | None = None  # default sample count: eval_iters x global batch size
+
+    def evaluate(self, dataset=None, count: int | None = None) -> float:
+        """Loss over ``dataset`` (default: the tenant's validation data, the samples evaluate() uses)."""
+        if dataset is None:
+            if self.valid is None:
+                raise ValueError(f"tenant {self.name!r} has no validation data")
+            dataset, count = self.valid, self.eval_count if count is None else count
+        return self.trainer.scoped_loss(self.slot, dataset, count)
 
 
 class MultiLoRATrainer:
@@ -93,6 +128,7 @@ class MultiLoRATrainer:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is {run.model.vocab_size}"
             )
         self.dp_group = ps.get_data_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
         self.source = MultiAdapterDataSource(
             seed=run.seed, micro_batch_size=run.micro_batch_size,
             data_parallel_size=ps.get_data_parallel_world_size(), data_parallel_rank=ps.get_data_parallel_rank(),
@@ -107,39 +143,80 @@ class MultiLoRATrainer:
             run.tensorboard_dir, run.metrics_file,
             enabled=dist.get_rank() == dist.get_world_size() - 1, train_iters=run.train_iters,
         )
-        for tenant in run.tenants:
-            self.add_tenant(tenant)
+        self._param_names = {id(p): n for n, p in lora_parameters(self.model)}
+        self.run_id = ckpt.broadcast_object(uuid.uuid4().hex)  # names this run's lineage in its checkpoints
+        self._saved_iteration: int | None = None  # newest run checkpoint written or loaded
+        self._last_eval_iteration: int | None = None
+        self._watcher = TenantsDirWatcher(run.tenants_dir, run) if run.tenants_dir else None
+        if not (run.load and self.load_checkpoint(run.load)):
+            for tenant in run.tenants:
+                self.add_tenant(tenant)
 
     # ---- tenants ---------------------------------------------------------------------------------------
-    def add_tenant(self, tc: TenantConfig) -> int | None:
-        """Give the tenant a slot (or queue it when all are taken); returns the slot or None if queued."""
+    def add_tenant(self, tc: TenantConfig, *, slot: int | None = None, resume: bool = True) -> int | None:
+        """Give the tenant a slot (or queue it when all are taken); returns the slot or None if queued. With
+        ``resume`` (default) a tenant with a checkpoint under <load or save>/tenants/<name> continues from it."""
+        check_tenant_name(tc.name)
+        if tc.name in self.tenants or any(q.name == tc.name for q in self.queue):
+            raise SlotError(f"tenant {tc.name!r} is already running or queued")
         if not self.table.free_slots:
             if not self.run.lora.queue:
                 raise RuntimeError(f"no free slot for tenant {tc.name!r} and queueing is off")
             self.queue.append(tc)
             return None
+        found = self.find_tenant_checkpoint(tc.name) if resume else None
+        return self._acquire(tc, slot, found)
+
+    def _acquire(self, tc: TenantConfig | None, slot: int | None, checkpoint=None, *, saved_spec: bool = False):
+        """Take a slot for a tenant, fresh or from ``checkpoint`` (its directory); ``saved_spec``: train with the
+        spec stored in the checkpoint (exact resume) instead of ``tc``."""
+        common = ckpt.load_common(checkpoint)["tenant"] if checkpoint is not None else None
+        if saved_spec:
+            tc = tenant_from_dict(dict(common["spec"]), f"checkpoint {checkpoint}: tenant")
+        elif common is not None:
+            _check_same_adapter(tc, common, checkpoint)
         spec = LoRASpec(
             rank=tc.rank, alpha=tc.alpha, target_modules=None if tc.target_modules is None else tuple(tc.target_modules),
             dropout=tc.dropout, rslora=tc.rslora, init=tc.init,
         )
         train = TenantDataset(tc.train_data, self.tokenizer, self.seq_length, pack=self.run.pack_sequences)
         valid = TenantDataset(tc.valid_data, self.tokenizer, self.seq_length) if tc.valid_data else None
-        slot = self.table.acquire(tc.name, spec)
+        slot = self.table.acquire(tc.name, spec, slot)
         self.optimizer.reset_slot(slot)
-        self.optimizer.configure_slot(slot, tc.hyper_params(self.run.train_iters))
-        self.source.add_tenant(tc.name, train, tc.global_batch_size, tc.max_epochs)
-        self.tenants[tc.name] = Tenant(tc, slot, valid)
+        try:
+            self.optimizer.configure_slot(slot, tc.hyper_params(self.run.train_iters))
+            steps, data_state = 0, None
+            if common is not None:
+                self._load_tenant_tensors(tc.name, slot, checkpoint, common)
+                steps, data_state = common["steps"], common["data"]
+            self.source.add_tenant(tc.name, train, tc.global_batch_size, tc.max_epochs, state=data_state)
+        except BaseException:
+            self.table.release(tc.name)
+            self.optimizer.reset_slot(slot)
+            raise
+        self.tenants[tc.name] = Tenant(tc, slot, valid, steps)
+        if common is not None:
+            self.metrics.note(f"tenant {tc.name}: resumed from {checkpoint} ({steps} steps) into slot {slot}")
         return slot
 
-    def release_tenant(self, name: str) -> None:
-        """Free the tenant's slot (weights and optimizer state of that slot only) and admit a queued tenant."""
+    def release_tenant(self, name: str, *, finished: bool = True) -> None:
+        """Free the tenant's slot (weights and optimizer state of that slot only) and admit a queued tenant.
+        ``finished=False`` (a stopped tenant): it may join again later."""
         tenant = self.tenants.pop(name)
         self.source.remove_tenant(name)
         self.table.release(name)
         self.optimizer.reset_slot(tenant.slot)
-        self.finished.append(name)
-        if self.queue:
-            self.add_tenant(self.queue.pop(0))
+        if finished:
+            self.finished.append(name)
+        while self.queue and self.table.free_slots:
+            queued = self.queue.pop(0)
+            try:
+                self.add_tenant(queued)
+            except (ckpt.CheckpointError, ConfigError, DataError, SlotError, ValueError) as e:
+                self.metrics.note(f"tenant {queued.name}: cannot leave the queue: {e}")
+            else:
+                self.metrics.note(f"tenant {queued.name}: left the queue for slot {self.tenants[queued.name].slot} "
+                                  f"at iteration {self.iteration}")
 
     def _tenant_done(self, tenant: Tenant) -> bool:
         own = tenant.config.train_iters
@@ -147,8 +224,8 @@ class MultiLoRATrainer:
 
     # ---- one iteration ---------------------------------------------------------------------------------
     def _run_micro_batches(self, micro_batches: list[dict], forward_only: bool):
-        """Forward (and backward) over this rank's micro-batches; per-slot loss sums (last stage, else zeros)
-        and per-slot token counts, both summed over data-parallel ranks."""
+        """Forward (and backward) over this rank's micro-batches; per-slot loss sums and token counts, summed
+        over data-parallel ranks (the losses, computed on the last stage, are shared with every stage)."""
         slots = self.run.lora.max_slots
         loss_sum = torch.zeros(slots, dtype=torch.float64)
         tokens = torch.zeros(slots, dtype=torch.float64)
@@ -172,6 +249,7 @@ class MultiLoRATrainer:
             )
         stats = torch.stack([loss_sum, tokens])
         dist.all_reduce(stats, group=self.dp_group)
+        dist.all_reduce(stats[0], group=self.pp_group)  # losses live on the last stage: every rank knows them
         return stats[0], stats[1]
 
     def train_step(self) -> dict:
@@ -207,12 +285,14 @@ class MultiLoRATrainer:
         )
 
     # ---- evaluation ------------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """Token-weighted mean validation loss of every tenant with validation data, over the first
-        eval_iters x global_batch_size validation samples (the same samples every time)."""
+    def evaluate(self, tenants: list[str] | None = None) -> dict[str, float]:
+        """Token-weighted mean validation loss of every tenant (or of ``tenants``) with validation data, over
+        the first eval_iters x global_batch_size validation samples (the same samples every time)."""
+        if tenants is None:
+            self._last_eval_iteration = self.iteration
         samples = []
         for name, t in sorted(self.tenants.items(), key=lambda kv: kv[1].slot):
-            if t.valid is not None and self.run.eval_iters > 0:
+            if t.valid is not None and self.run.eval_iters > 0 and (tenants is None or name in tenants):
                 count = min(len(t.valid), self.run.eval_iters * t.config.global_batch_size)
                 samples += [(t.slot, t.valid, i) for i in range(count)]
         if not samples:
@@ -223,27 +303,276 @@ class MultiLoRATrainer:
         self.model.train()
         results = {
             name: (loss_sum[t.slot] / tokens[t.slot]).item()
-            for name, t in self.tenants.items() if t.valid is not None and tokens[t.slot] > 0
+            for name, t in self.tenants.items()
+            if t.valid is not None and tokens[t.slot] > 0 and (tenants is None or name in tenants)
         }
         self.metrics.log_validation(self.iteration, results)
         return results
 
     # ---- the loop --------------------------------------------------------------------------------------
     def train(self) -> None:
+        """Train until the run's train_iters (or until no tenant is left); evaluate and save at the end."""
         run = self.run
-        while self.iteration < run.train_iters and (self.tenants or self.queue):
-            out = self.train_step()
-            for name, m in out["per_tenant"].items():
-                if m["skipped"]:
-                    self.metrics.note(f"tenant {name}: non-finite gradient at iteration {self.iteration}, step skipped")
-            if self.iteration % run.log_interval == 0 or self.iteration == 1:
-                self.metrics.log_train(self.iteration, out["per_tenant"], out["global_metrics"])
-            if run.eval_interval and self.iteration % run.eval_interval == 0:
-                self.evaluate()
-            for name in [n for n, t in self.tenants.items() if self._tenant_done(t)]:
-                self.release_tenant(name)
+        while self.iteration < run.train_iters and self.train_iteration():
+            pass
         if not run.eval_interval or self.iteration % run.eval_interval:
             self.evaluate()
+        if run.save and self._saved_iteration != self.iteration:
+            self.save_checkpoint()
+
+    def train_iteration(self) -> bool:
+        """One iteration boundary to the next: tenants join / stop (control directory), one training step,
+        logging, evaluation, finished tenants leave, periodic save. False when no tenant is left to train."""
+        run = self.run
+        self.poll_tenants_dir()
+        if not self.tenants:
+            return False
+        out = self.train_step()
+        for name, m in out["per_tenant"].items():
+            if m["skipped"]:
+                self.metrics.note(f"tenant {name}: non-finite gradient at iteration {self.iteration}, step skipped")
+        if self.iteration % run.log_interval == 0 or self.iteration == 1:
+            self.metrics.log_train(self.iteration, out["per_tenant"], out["global_metrics"])
+        if run.eval_interval and self.iteration % run.eval_interval == 0:
+            self.evaluate()
+        kill_point("iter", self.iteration)  # test hook, only with MULTILORA_TEST_KILL_AT set
+        for name in [n for n, t in self.tenants.items() if self._tenant_done(t)]:
+            self.finish_tenant(name)
+        if run.save and run.save_interval and self.iteration % run.save_interval == 0:
+            self.save_checkpoint()
+        return True
+
+    # ---- tenant lifecycle ------------------------------------------------------------------------------
+    def finish_tenant(self, name: str) -> None:
+        """A tenant that reached its train_iters / max_epochs: evaluated, saved (with --save) and released."""
+        if self._last_eval_iteration != self.iteration:
+            self.evaluate(tenants=[name])
+        where = self.save_tenant(name, done=True) if self.run.save else None
+        self.metrics.note(f"tenant {name}: finished at iteration {self.iteration} after "
+                          f"{self.tenants[name].steps} steps" + (f", saved to {where}" if where else ""))
+        self.release_tenant(name)
+
+    def stop_tenant(self, name: str) -> None:
+        """Stop a running tenant (saved with --save, slot released; it may join again) or drop a queued one."""
+        if name in self.tenants:
+            where = self.save_tenant(name) if self.run.save else None
+            self.release_tenant(name, finished=False)
+            self.metrics.note(f"tenant {name}: stopped at iteration {self.iteration}"
+                              + (f", saved to {where}" if where else " (not saved: no --save)"))
+        else:
+            self.queue = [q for q in self.queue if q.name != name]
+            self.metrics.note(f"tenant {name}: removed from the queue")
+
+    def poll_tenants_dir(self) -> dict:
+        """Apply the control directory (see megatron_multilora/lifecycle.py): rank 0 reads it, every rank
+        applies the same decision. Returns the decision."""
+        if self._watcher is None:
+            return {}
+        decision = None
+        if dist.get_rank() == 0:
+            decision = self._watcher.decide(
+                active=set(self.tenants), queued={q.name for q in self.queue}, finished=set(self.finished),
+                free_slots=len(self.table.free_slots), queue_allowed=self.run.lora.queue,
+            )
+        decision = ckpt.broadcast_object(decision)
+        for line in decision["notes"]:
+            self.metrics.note(line)
+        for name in decision["stop"]:
+            self.stop_tenant(name)
+        for data in decision["add"]:
+            tc = tenant_from_dict(data, f"tenants_dir tenant {data.get('name')!r}")
+            try:
+                slot = self.add_tenant(tc)
+            except (ckpt.CheckpointError, ConfigError, DataError, SlotError, ValueError, RuntimeError) as e:
+                self._watcher.refused.add(tc.name)
+                self.metrics.note(f"tenants_dir: tenant {tc.name!r} refused: {e}")
+                continue
+            self.metrics.note(f"tenant {tc.name}: joined at iteration {self.iteration}, "
+                              + ("queued (no free slot)" if slot is None else f"slot {slot}"))
+        return decision
+
+    @contextlib.contextmanager
+    def scoped(self, tenant: str | TenantConfig):
+        """Scope one tenant for evaluation: yields a :class:`TenantScope` whose samples all go to its slot.
+        A tenant that is not running is loaded from its newest checkpoint (or, given as a TenantConfig without
+        one, freshly initialised) into a free slot for the duration and released on exit; only that slot is
+        touched, and the scoped tenant never trains."""
+        name = tenant if isinstance(tenant, str) else tenant.name
+        if name in self.tenants:
+            t = self.tenants[name]
+            yield TenantScope(self, name, t.slot, t.valid, self.run.eval_iters * t.config.global_batch_size)
+            return
+        found = self.find_tenant_checkpoint(name)
+        if found is None and not isinstance(tenant, TenantConfig):
+            raise ckpt.CheckpointError(f"tenant {name!r} is not running and has no checkpoint to scope")
+        common = ckpt.load_common(found)["tenant"] if found is not None else None
+        tc = tenant_from_dict(dict(common["spec"]), f"checkpoint {found}") if common is not None else tenant
+        spec = LoRASpec(rank=tc.rank, alpha=tc.alpha, target_modules=None if tc.target_modules is None else
+                        tuple(tc.target_modules), dropout=tc.dropout, rslora=tc.rslora, init=tc.init)
+        slot = self.table.acquire(name, spec)
+        try:
+            if common is not None:
+                self._load_tenant_tensors(name, slot, found, common, optimizer=False)
+            valid = TenantDataset(tc.valid_data, self.tokenizer, self.seq_length) if tc.valid_data else None
+            yield TenantScope(self, name, slot, valid, self.run.eval_iters * tc.global_batch_size)
+        finally:
+            self.table.release(name)
+
+    def scoped_loss(self, slot: int, dataset, count: int | None = None) -> float:
+        """Token-weighted loss of the first ``count`` samples of ``dataset``, all routed to ``slot``."""
+        count = len(dataset) if count is None else min(count, len(dataset))
+        self.model.eval()
+        with torch.no_grad():
+            loss_sum, tokens = self._run_micro_batches(
+                self.source.micro_batches([(slot, dataset, i) for i in range(count)]), forward_only=True)
+        self.model.train()
+        return (loss_sum[slot] / tokens[slot]).item() if tokens[slot] > 0 else float("nan")
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def _tenant_meta(self, name: str, done: bool) -> dict:
+        t = self.tenants[name]
+        record = self.table.record(name)
+        has_master = any(k.endswith(".master") for k in self.optimizer.slot_state(t.slot))
+        return {
+            "format": ckpt.FORMAT, "name": name, "iteration": self.iteration, "run_id": self.run_id,
+            "spec": t.config.to_dict(), "rank": record.spec.rank, "alpha": float(t.config.alpha),
+            "rslora": t.config.rslora, "targets": sorted(record.targets), "steps": t.steps,
+            "optimizer_step": self.optimizer.slot_step_count(t.slot), "data": self.source.tenant_state(name),
+            "done": done, "has_master": has_master,
+        }
+
+    def save_tenant(self, name: str, *, done: bool = False, kill_phase: str | None = None):
+        """Collective: write <save>/tenants/<name>/iter_XXXXXXX (adapter at its rank, optimizer moments and
+        step, data position, spec) and point its latest_checkpointed_iteration.txt there."""
+        import yaml
+
+        t = self.tenants[name]
+        record = self.table.record(name)
+        meta = self._tenant_meta(name, done)
+        entries = ckpt.adapter_entries(self.table, record, self._param_names)
+        sharded = ckpt.adapter_sharded_state_dict(entries, t.slot, record.spec.rank, self.optimizer,
+                                                  with_master=meta["has_master"])
+        sharded["tenant"] = meta
+        root = ckpt.tenant_root(self.run.save, name)
+        hook = (lambda: kill_point("save", self.iteration, kill_phase)) if kill_phase else None
+        where = ckpt.save_sharded(root, self.iteration, sharded,
+                                  {k: meta[k] for k in ("name", "iteration", "run_id", "done")},
+                                  extra_files={"tenant.yaml": yaml.safe_dump(meta["spec"], sort_keys=False)},
+                                  before_promote=hook)
+        if kill_phase is None:  # a lone tenant save (finished / stopped): prune now
+            self._prune(root)
+        return where
+
+    def _load_tenant_tensors(self, name: str, slot: int, directory, common: dict, optimizer: bool = True) -> None:
+        record = self.table.record(name)
+        entries = ckpt.adapter_entries(self.table, record, self._param_names)
+        with_master = optimizer and common.get("has_master", False) and any(
+            k.endswith(".master") for k in self.optimizer.slot_state(slot))
+        sharded = ckpt.adapter_sharded_state_dict(entries, slot, record.spec.rank,
+                                                  self.optimizer if optimizer else None, for_load=True,
+                                                  with_master=with_master)
+        loaded = ckpt.load_sharded(directory, sharded, strict="raise_all" if optimizer else "raise_unexpected")
+        ckpt.apply_adapter_state(loaded, entries, slot, record.spec.rank, self.optimizer if optimizer else None,
+                                 step=common["optimizer_step"], with_master=with_master)
+
+    def find_tenant_checkpoint(self, name: str):
+        """The newest complete checkpoint of tenant ``name`` under <load> then <save> (None if none). Skips
+        checkpoints this run's own lineage wrote at a later iteration (left by an attempt that crashed after
+        the run checkpoint it resumed from)."""
+        roots = [d for d in dict.fromkeys((self.run.load, self.run.save)) if d]
+
+        def find():
+            for save_dir in roots:
+                root = ckpt.tenant_root(save_dir, name)
+                for it in reversed(ckpt.complete_iterations(root)):
+                    meta = ckpt.read_manifest(root / ckpt.iter_name(it)).get("meta", {})
+                    if it > self.iteration and meta.get("run_id") == self.run_id:
+                        continue
+                    return str(root / ckpt.iter_name(it))
+            return None
+
+        found = ckpt.on_rank0(find)
+        return None if found is None else Path(found)
+
+    def _run_state(self) -> dict:
+        data = self.source.state_dict()
+        return {
+            "format": ckpt.FORMAT, "run_id": self.run_id, "iteration": self.iteration,
+            "tenants": {n: {"slot": t.slot, "iteration": self.iteration} for n, t in self.tenants.items()},
+            "queue": [q.to_dict() for q in self.queue], "finished": list(self.finished),
+            "data": {"iteration": data["iteration"], "last_step": data["last_step"]},
+            "layout": self._layout(),
+        }
+
+    def _layout(self) -> dict:
+        r = self.run
+        return {"tp": r.tensor_model_parallel_size, "pp": r.pipeline_model_parallel_size,
+                "ep": r.expert_model_parallel_size, "world": dist.get_world_size()}
+
+    def save_checkpoint(self) -> None:
+        """Collective: every running tenant's checkpoint, then the run state, then the run's latest pointer
+        (<save>/latest_checkpointed_iteration.txt); old checkpoints beyond keep_last_checkpoints are pruned."""
+        save, it = self.run.save, self.iteration
+        by_slot = sorted(self.tenants, key=lambda n: self.tenants[n].slot)
+        for i, name in enumerate(by_slot):
+            self.save_tenant(name, kill_phase=f"t{i}")
+        state = self._run_state()
+        root = ckpt.run_root(save)
+        ckpt.save_sharded(root, it, {"run": state, "rng_state": ckpt.rng_sharded_object(ckpt.rng_state())},
+                          {"iteration": it, "run_id": self.run_id}, before_promote=lambda: kill_point("save", it, "run"),
+                          tracker=False)
+        kill_point("save", it, "pointer")
+        ckpt.on_rank0(ckpt.write_tracker, Path(save).resolve(), it)
+        self._saved_iteration = it
+        for name in by_slot:
+            self._prune(ckpt.tenant_root(save, name))
+        self._prune(root)
+        self.metrics.note(f"saved checkpoint at iteration {it} to {save}")
+
+    def _prune(self, root) -> None:
+        protect = () if self._saved_iteration is None else (self._saved_iteration,)
+        ckpt.on_rank0(ckpt.prune, root, self.run.keep_last_checkpoints, protect)
+
+    def load_checkpoint(self, directory) -> bool:
+        """Collective: restore the whole run from <directory> (its latest_checkpointed_iteration.txt): iteration,
+        every tenant into its slot (weights, optimizer, data position), the queue, finished tenants, and the
+        RNG states (when the layout is the same). False if the directory holds no run checkpoint yet."""
+        base = Path(directory).resolve()
+        it = ckpt.on_rank0(ckpt.read_tracker, base)
+        if it is None:
+            self.metrics.note(f"no checkpoint in {directory}: starting from iteration 0")
+            return False
+        run_dir = ckpt.run_root(base) / ckpt.iter_name(it)
+        common = ckpt.load_common(run_dir)
+        state = common["run"]
+        self.queue = []
+        for name in list(self.tenants):
+            self.release_tenant(name, finished=False)
+        self.queue = []
+        self.run_id, self.iteration = state["run_id"], state["iteration"]
+        self.finished = list(state["finished"])
+        for name, info in sorted(state["tenants"].items(), key=lambda kv: kv[1]["slot"]):
+            tenant_dir = ckpt.tenant_root(base, name) / ckpt.iter_name(info["iteration"])
+            self._acquire(None, info["slot"], tenant_dir, saved_spec=True)
+        self.queue = [tenant_from_dict(d, "checkpoint queue") for d in state["queue"]]
+        self.source.load_state_dict({
+            "iteration": state["data"]["iteration"], "last_step": state["data"]["last_step"],
+            "tenants": {n: self.source.tenant_state(n) for n in state["data"]["last_step"]},
+        })
+        known = set(self.tenants) | {q.name for q in self.queue} | set(self.finished)
+        for tc in self.run.tenants:  # tenants added to the config since
+            if tc.name not in known:
+                self.add_tenant(tc)
+        if state["layout"] == self._layout():
+            loaded = ckpt.load_sharded(run_dir, {"rng_state": ckpt.rng_sharded_object()}, strict="assume_ok_unexpected")
+            ckpt.set_rng_state(loaded["rng_state"])
+        else:
+            self.metrics.note(f"layout changed since the checkpoint ({state['layout']} -> {self._layout()}): "
+                              "RNG states not restored")
+        self._saved_iteration = self.iteration
+        self.metrics.note(f"resumed from {run_dir} at iteration {self.iteration} with tenants "
+                          f"{sorted(self.tenants)}, queue {[q.name for q in self.queue]}")
+        return True
 
     def close(self) -> None:
         self.metrics.close()

@@ -1,0 +1,96 @@
+"""Shared by the checkpoint and tenant-lifecycle tests: generated tenant data, small run configs, the CLI as a
+subprocess (killable), and metrics.jsonl reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "the a red big small old new cat dog owl fox bee fish bird sees finds helps likes runs to and".split()
+# Per-tenant metrics compared between runs (timing-dependent globals such as iteration-time are not).
+COMPARED = ("lm loss", "learning-rate", "grad-norm", "tokens", "skipped", "lm loss validation")
+
+
+def make_data(directory: Path, name: str, count: int, seed: int) -> Path:
+    """``count`` short text samples (byte tokenizer: < 32 bytes each) in ``directory/name.jsonl``."""
+    rng = random.Random(seed)
+    path = Path(directory) / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(count):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6)))}) + "\n")
+    return path
+
+
+def tenant(directory: Path, name: str, *, rank: int = 4, count: int = 64, seed: int = 0, valid: bool = True,
+           **fields) -> dict:
+    """A tenant mapping with generated train (and valid) data."""
+    t = {"name": name, "rank": rank, "lr": 5.0e-3, "global_batch_size": 4, "lr_warmup_iters": 1,
+         "train_data": str(make_data(directory, f"{name}-train", count, seed))}
+    if valid:
+        t["valid_data"] = str(make_data(directory, f"{name}-valid", 8, seed + 1000))
+    t.update(fields)
+    return t
+
+
+def run_config(tenants: list[dict], **fields) -> dict:
+    cfg = {
+        "model": "tiny-dense", "lora": {"max_slots": 2, "max_rank": 8}, "tenants": tenants,
+        "seq_length": 32, "micro_batch_size": 2, "train_iters": 8, "eval_interval": 3, "eval_iters": 1,
+        "log_interval": 1, "seed": 7,
+    }
+    cfg.update(fields)
+    return cfg
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_cli(config: Path, *flags: str, kill_at: str | None = None, timeout: float = 120.0):
+    """``python -m megatron_multilora.train`` (one process) in its own session; returns (returncode, output).
+    Whatever it started (megatron-core's checkpoint-writer helpers) is killed with it afterwards."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.pop("MULTILORA_TEST_KILL_AT", None)
+    if kill_at:
+        env["MULTILORA_TEST_KILL_AT"] = kill_at
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_multilora.train", "--config", str(config), *flags],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session we created: its leftovers only
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return proc.returncode, out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def per_tenant(rows: list[dict], after: int = 0) -> dict:
+    """{(iteration, tenant, kind): {metric: value}} of the rows after iteration ``after`` (kind: train / valid);
+    a later row for the same key (a resumed run repeating an iteration) replaces an earlier one."""
+    out = {}
+    for r in rows:
+        if "tenant" not in r or r["iteration"] <= after:
+            continue
+        kind = "valid" if "lm loss validation" in r else "train"
+        out[(r["iteration"], r["tenant"], kind)] = {k: r[k] for k in COMPARED if k in r}
+    return out

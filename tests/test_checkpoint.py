@@ -1,0 +1,251 @@
+"""Per-tenant distributed checkpoints: exact resume after SIGKILL (during training and during a save),
+resharding across TP / PP / EP layouts and slots, corruption detection, tenant names that would escape."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests import tenant_runs as tr
+from tests.distributed import run_world
+
+# ---------------------------------------------------------------------------------------------- exact resume
+#
+# One process, tiny-dense, 2 slots, 3 tenants: a (LoRA dropout 0.1, so the RNG state matters), b (finishes
+# at its own train_iters 5: evaluated, saved, released) and c (queued until b's slot frees). Saves every 2
+# iterations. The run killed at iteration 6 or inside the save at iteration 6 resumes from iteration 4 (c
+# still queued, b still running) and must log exactly the metrics of the uninterrupted run.
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    cfg = tr.run_config([
+        tr.tenant(d, "a", rank=4, seed=1, dropout=0.1),
+        tr.tenant(d, "b", rank=8, seed=2, train_iters=5, lr_decay_style="linear"),
+        tr.tenant(d, "c", rank=2, seed=3, lr_decay_style="constant"),
+    ], save_interval=2, keep_last_checkpoints=2)
+    config = tr.write_yaml(d / "run.yaml", cfg)
+    code, out = tr.run_cli(config, "--save", str(d / "base_ckpt"), "--metrics-file", str(d / "base.jsonl"))
+    assert code == 0, out
+    baseline = tr.read_metrics(d / "base.jsonl")
+    return d, config, baseline
+
+
+def _kill_and_resume(d: Path, config: Path, tag: str, kill_at: str):
+    save, m1, m2 = d / f"{tag}_ckpt", d / f"{tag}_1.jsonl", d / f"{tag}_2.jsonl"
+    code, out = tr.run_cli(config, "--save", str(save), "--metrics-file", str(m1), kill_at=kill_at)
+    assert code == -9, f"expected SIGKILL, got {code}:\n{out[-3000:]}"
+    on_disk = {
+        "run": (save / "latest_checkpointed_iteration.txt").read_text().strip(),
+        "tenants": {t.name: sorted(os.listdir(t)) for t in sorted((save / "tenants").iterdir())},
+    }
+    code, out = tr.run_cli(config, "--save", str(save), "--load", str(save), "--metrics-file", str(m2))
+    assert code == 0, out
+    return on_disk, tr.read_metrics(m1), tr.read_metrics(m2), out, save
+
+
+def _assert_same(baseline: list[dict], rows: list[dict], after: int, upto: int | None = None):
+    want = {k: v for k, v in tr.per_tenant(baseline, after).items() if upto is None or k[0] <= upto}
+    got = tr.per_tenant(rows, after)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key] == want[key], (key, got[key], want[key])  # bitwise: same floats in the JSON
+
+
+def test_sigkill_during_training_resumes_exactly(resume_setup):
+    d, config, baseline = resume_setup
+    on_disk, killed, resumed, out, save = _kill_and_resume(d, config, "iter", "iter:6")
+    assert on_disk["run"] == "4"  # the last save before the kill
+    _assert_same(baseline, killed, 0, upto=6)  # the killed run was the same run up to its death
+    assert min(r["iteration"] for r in resumed if "tenant" in r) == 5
+    _assert_same(baseline, resumed, 4)  # everything after the checkpoint, incl. b's finish and c's start
+    assert "resumed from" in out and "'c'" in out  # c came back from the queue of the checkpoint
+    # keep_last_checkpoints=2: only the last two run checkpoints and tenant checkpoints remain
+    assert sorted(os.listdir(save / "run")) == ["iter_0000006", "iter_0000008"]
+    assert sorted(os.listdir(save / "tenants" / "a")) == ["iter_0000006", "iter_0000008",
+                                                          "latest_checkpointed_iteration.txt"]
+
+
+def test_sigkill_during_save_leaves_no_partial_checkpoint_and_resumes_exactly(resume_setup):
+    d, config, baseline = resume_setup
+    # killed inside the save at iteration 6: tenant 0 (a) is complete, tenant 1 (c) is in its temporary
+    # directory, the run state is not written
+    on_disk, killed, resumed, out, save = _kill_and_resume(d, config, "save", "save:6:t1")
+    assert on_disk["run"] == "4"
+    assert "iter_0000006" in on_disk["tenants"]["a"]
+    assert on_disk["tenants"]["c"] == [".tmp.iter_0000006"]  # never promoted, no latest pointer
+    _assert_same(baseline, killed, 0, upto=6)
+    _assert_same(baseline, resumed, 4)
+    final = sorted(os.listdir(save / "tenants" / "c"))
+    assert final == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"]  # leftovers gone
+    assert (save / "tenants" / "c" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+
+
+# ---------------------------------------------------------------------------------------------- resharding
+#
+# tiny-moe with LoRA on the dense and the expert linears. World 1: TP=2 x EP=2 (sequence parallel, 4 ranks)
+# trains 3 iterations, evaluates, saves, trains 2 more. World 2: TP=1 x PP=2 (2 ranks) resumes the run from
+# that checkpoint: same validation loss, same next two training losses (optimizer moments, step counts and
+# data positions crossed the layout change); it saves again. World 3: TP=2 x EP=2 again, a fresh run whose
+# tenants find their checkpoints (saved at TP=1 x PP=2) and land in other slots: same losses again.
+
+MOE_TENANTS = [
+    dict(name="a", rank=4, seed=11),
+    dict(name="b", rank=8, seed=12, target_modules=["linear_qkv", "linear_fc1", "expert_fc1", "expert_fc2"]),
+]
+
+
+def _moe_config(d: Path, layout: dict, **fields) -> dict:
+    tenants = [tr.tenant(d, **t) for t in MOE_TENANTS]
+    cfg = tr.run_config(tenants, model="tiny-moe", lora={"max_slots": 3, "max_rank": 8}, eval_iters=2,
+                        eval_interval=None, train_iters=10, **layout)
+    cfg.update(fields)
+    return cfg
+
+
+def _reshard_world(cfg: dict, world: int, phase: str, base_dir: str, save: str):
+    import torch.distributed as dist
+
+    from megatron_multilora import checkpointing
+    from megatron_multilora.config import load_run_config, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    run = validate(load_run_config(cfg), world)
+    trainer = MultiLoRATrainer(run)
+    out = {}
+    if phase == "save":
+        checkpointing.save_base(trainer.model, base_dir)
+        for _ in range(3):
+            trainer.train_step()
+        out["valid"] = trainer.evaluate()
+        trainer.save_checkpoint()
+    else:
+        out["valid"] = trainer.evaluate()
+        if phase == "resume":
+            trainer.save_checkpoint()
+    out["slots"] = {n: t.slot for n, t in trainer.tenants.items()}
+    out["steps"] = {n: trainer.optimizer.slot_step_count(t.slot) for n, t in trainer.tenants.items()}
+    out["train"] = [{n: m["lm loss"] for n, m in trainer.train_step()["per_tenant"].items()} for _ in range(2)]
+    out["rank"] = dist.get_rank()
+    return out
+
+
+def _last_rank(results):
+    return max(results, key=lambda r: r["rank"])  # the last pipeline stage holds the losses
+
+
+def _close(x: dict, y: dict, tol=2e-5):
+    assert set(x) == set(y)
+    for k in x:
+        assert abs(x[k] - y[k]) <= tol * max(1.0, abs(y[k])), (k, x[k], y[k])
+
+
+def test_reshard_tp2_ep2_to_tp1_pp2_and_back_into_other_slots(tmp_path):
+    base, s1, s2 = str(tmp_path / "base"), str(tmp_path / "s1"), str(tmp_path / "s2")
+    tp2ep2 = dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, sequence_parallel=True)
+    w1 = _last_rank(run_world(_reshard_world, 4, _moe_config(tmp_path, tp2ep2, save=s1), 4, "save", base, s1))
+
+    pp2 = dict(pipeline_model_parallel_size=2)
+    cfg2 = _moe_config(tmp_path, pp2, load_base=base, load=s1, save=s2)
+    w2 = _last_rank(run_world(_reshard_world, 2, cfg2, 2, "resume", base, s2))
+    _close(w2["valid"], w1["valid"])
+    assert w2["steps"] == w1["steps"] == {"a": 3, "b": 3}
+    for got, want in zip(w2["train"], w1["train"]):
+        _close(got, want)
+
+    # a fresh run at TP=2 x EP=2: tenant z takes slot 0, a and b resume from s2 into slots 1 and 2
+    cfg3 = _moe_config(tmp_path, tp2ep2, load_base=base, save=s2)
+    cfg3["tenants"] = [tr.tenant(tmp_path, "z", rank=2, seed=13)] + cfg3["tenants"]
+    w3 = _last_rank(run_world(_reshard_world, 4, cfg3, 4, "fresh", base, s2))
+    assert w3["slots"] == {"z": 0, "a": 1, "b": 2}
+    _close({k: w3["valid"][k] for k in "ab"}, w1["valid"])
+    for got, want in zip(w3["train"], w1["train"]):
+        _close({k: got[k] for k in "ab"}, want)
+
+
+# ---------------------------------------------------------------------------------------------- corruption
+# and names
+
+
+def _small_world(cfg: dict, save: str, step: str):
+    from megatron_multilora import tenant_checkpoint as ckpt
+    from megatron_multilora.config import load_run_config, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    trainer = MultiLoRATrainer(validate(load_run_config(cfg), 1))
+    if step == "save":
+        trainer.train_step()
+        trainer.save_checkpoint()
+        return None
+    errors = {}
+    try:
+        with trainer.scoped("a") as scope:
+            errors["scoped"] = scope.evaluate()
+    except ckpt.CheckpointError as e:
+        errors["scoped"] = str(e)
+    try:
+        trainer.load_checkpoint(save)
+    except ckpt.CheckpointError as e:
+        errors["load"] = str(e)
+    return errors
+
+
+def test_corrupt_shard_and_truncated_metadata_are_named(tmp_path):
+    save = tmp_path / "ckpt"
+    cfg = tr.run_config([tr.tenant(tmp_path, "a", seed=1)], save=str(save), load=None)
+    run_world(_small_world, 1, cfg, str(save), "save")
+    it = save / "tenants" / "a" / "iter_0000001"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(it, pristine)
+    fresh = tr.run_config([tr.tenant(tmp_path, "z", seed=2)], save=str(tmp_path / "other"), load=str(save))
+    fresh["load"] = None  # the trainer starts fresh; the test loads explicitly
+
+    shard = sorted(it.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    errors = run_world(_small_world, 1, {**fresh, "load": None, "save": str(save)}, str(save), "load")[0]
+    for where in ("scoped", "load"):
+        assert str(shard) in errors[where] and "corrupt" in errors[where], errors[where]
+
+    shutil.rmtree(it)
+    shutil.copytree(pristine, it)
+    meta = it / "metadata.json"
+    meta.write_bytes(meta.read_bytes()[:5])
+    errors = run_world(_small_world, 1, {**fresh, "load": None, "save": str(save)}, str(save), "load")[0]
+    for where in ("scoped", "load"):
+        assert str(meta) in errors[where] and "truncated" in errors[where], errors[where]
+
+    (it / "manifest.json").unlink()  # an unpromoted / foreign directory
+    from megatron_multilora import tenant_checkpoint as ckpt
+
+    with pytest.raises(ckpt.CheckpointError, match="manifest.json is missing"):
+        ckpt.verify_checkpoint(it)
+
+
+def test_tenant_names_cannot_escape_the_save_directory(tmp_path):
+    from megatron_multilora import tenant_checkpoint as ckpt
+    from megatron_multilora.config import ConfigError, validate_tenant, load_run_config
+
+    save = tmp_path / "save"
+    for bad in ("../escape", "..", ".", "a/b", "/abs", "x" * 65, ""):
+        with pytest.raises(ckpt.CheckpointError):
+            ckpt.tenant_root(save, bad)
+    (save / "tenants").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (save / "tenants" / "sneaky").symlink_to(outside)  # a name that is fine, a path that is not
+    with pytest.raises(ckpt.CheckpointError, match="not inside"):
+        ckpt.tenant_root(save, "sneaky")
+    assert ckpt.tenant_root(save, "ok-1.b_2") == (save / "tenants" / "ok-1.b_2").resolve()
+    # the config refuses the name before any directory is made
+    run = load_run_config(tr.run_config([tr.tenant(tmp_path, "a")]))
+    bad = load_run_config(tr.run_config([tr.tenant(tmp_path, "a")])).tenants[0]
+    bad.name = "../escape"
+    with pytest.raises(ConfigError, match="escape"):
+        validate_tenant(run, bad)

@@ -1,0 +1,253 @@
+"""End-to-end training: isolation between tenants, layout invariance of per-tenant losses on the MoE preset,
+optimizer isolation (idle tenant bitwise untouched, non-finite tenant skipped and reported), per-tenant
+learning-rate schedules, metrics files, and configuration errors that fail before any process starts."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_world
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog", "duck", "goat", "mule", "crab"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    tasks = {
+        "rev": lambda w: {"prompt": f"{w}=", "completion": w[::-1]},
+        "up": lambda w: {"prompt": f"{w}=", "completion": w.upper()},
+        "txt": lambda w: {"text": f"the {w} sees the {w}."},
+    }
+    for name, make in tasks.items():
+        for split in ("train", "valid"):
+            rows = [make(w) for w in WORDS * 2]
+            (root / f"{name}.{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def run_config(data, tenants=("rev", "up", "txt"), **overrides):
+    specs = {
+        "rev": dict(rank=4, alpha=8, lr=0.01, lr_warmup_iters=1, lr_decay_style="cosine", global_batch_size=4),
+        "up": dict(rank=8, lr=0.02, lr_decay_style="linear", min_lr=0.001, global_batch_size=6,
+                   target_modules=["linear_qkv", "linear_fc2", "expert_fc1"]),
+        "txt": dict(rank=16, alpha=32, lr=0.005, lr_decay_style="constant", global_batch_size=2),
+    }
+    cfg = {
+        "model": "tiny-moe",
+        "lora": {"max_slots": 4, "max_rank": 16},
+        "tenants": [
+            dict(name=n, train_data=str(data / f"{n}.train.jsonl"), valid_data=str(data / f"{n}.valid.jsonl"),
+                 **specs[n])
+            for n in tenants
+        ],
+        "seq_length": 16, "micro_batch_size": 2, "train_iters": 3, "eval_interval": None, "eval_iters": 1,
+        "log_interval": 1, "seed": 7,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def _train(cfg, iters, probe=None):
+    """Train `iters` iterations; returns per-iteration {tenant: metrics} (and whatever probe returns)."""
+    from megatron_multilora.config import load_run_config
+    from megatron_multilora.training import MultiLoRATrainer
+
+    trainer = MultiLoRATrainer(load_run_config(cfg))
+    history, probed = [], None
+    try:
+        if probe is not None:
+            probed = probe(trainer, iters)
+        else:
+            for _ in range(iters):
+                history.append(trainer.train_step()["per_tenant"])
+    finally:
+        trainer.close()
+    return {"history": history, "probe": probed}
+
+
+def _losses(history, tenant):
+    return [it[tenant]["lm loss"] for it in history if tenant in it]
+
+
+def test_a_tenants_losses_do_not_depend_on_other_tenants(data):
+    together = run_world(_train, 1, run_config(data), 3)[0]["history"]
+    alone = run_world(_train, 1, run_config(data, tenants=("rev",)), 3)[0]["history"]
+    a, b = _losses(together, "rev"), _losses(alone, "rev")
+    assert len(a) == 3 and a[0] > 0
+    assert a == pytest.approx(b, rel=1e-5)
+    assert a[-1] < a[0]  # it trains
+
+
+LAYOUTS = [
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True), 2),
+    (dict(expert_model_parallel_size=2), 2),  # DP 2 = EP 2
+    (dict(pipeline_model_parallel_size=2), 2),
+    (dict(), 2),  # DP 2
+]
+
+
+def _save_base(trainer, iters):
+    from megatron_multilora import checkpointing
+
+    checkpointing.save_base(trainer.model, trainer.run.save)
+
+
+@pytest.fixture(scope="module")
+def shared_base(data, tmp_path_factory):
+    """One set of base weights for every layout (random init differs between layouts, e.g. experts)."""
+    base = tmp_path_factory.mktemp("base")
+    run_world(_train, 1, run_config(data, save=str(base)), 0, _save_base)
+    return str(base)
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(data, shared_base):
+    return run_world(_train, 1, run_config(data, load_base=shared_base), 3)[0]["history"]
+
+
+@pytest.mark.parametrize("layout,world", LAYOUTS, ids=lambda x: str(x))
+def test_per_tenant_losses_are_layout_invariant(data, shared_base, single_process_losses, layout, world):
+    outs = run_world(_train, world, run_config(data, load_base=shared_base, **layout), 3)
+    for out in outs:  # every rank reports the same per-tenant losses
+        for tenant in ("rev", "up", "txt"):
+            assert _losses(out["history"], tenant) == pytest.approx(
+                _losses(single_process_losses, tenant), rel=1e-5
+            )
+
+
+def _idle_and_nan_probe(trainer, iters):
+    """Iteration 1 normal; then poison tenant 'txt' (inf in one B) and make 'up' idle (capacity)."""
+    opt, table = trainer.optimizer, trainer.table
+    results = {"steps": []}
+    out = trainer.train_step()
+    results["steps"].append(out["per_tenant"])
+    up, txt = table.slot_of("up"), table.slot_of("txt")
+    with torch.no_grad():
+        table.layers[0].lora_B[txt].fill_(float("inf"))
+    snapshot = [p[up].clone() for p in trainer.params]
+    state = opt.slot_state(up)
+    trainer.source.max_samples_per_iteration = 6  # rev (4) + txt (2) fit, up (6) must wait
+    out = trainer.train_step()
+    results["steps"].append(out["per_tenant"])
+    results["up_untouched"] = all(torch.equal(a, p[up]) for a, p in zip(snapshot, trainer.params))
+    after = opt.slot_state(up)
+    results["up_state_untouched"] = all(torch.equal(state[k], after[k]) for k in state)
+    results["txt_weights_finite_elsewhere"] = bool(torch.isfinite(table.layers[1].lora_A[txt]).all())
+    return results
+
+
+def _reference_probe(trainer, iters):
+    """The same two iterations without the poisoned tenant's effect on the others (txt left alone)."""
+    steps = [trainer.train_step()["per_tenant"]]
+    trainer.source.max_samples_per_iteration = 6
+    steps.append(trainer.train_step()["per_tenant"])
+    return {"steps": steps}
+
+
+def test_idle_tenant_is_bitwise_untouched_and_nan_tenant_is_skipped(data):
+    out = run_world(_train, 1, run_config(data), 2, _idle_and_nan_probe)[0]["probe"]
+    ref = run_world(_train, 1, run_config(data), 2, _reference_probe)[0]["probe"]
+    second = out["steps"][1]
+    assert "up" not in second  # did not step
+    assert out["up_untouched"] and out["up_state_untouched"]
+    assert second["txt"]["skipped"] == 1 and not math.isfinite(second["txt"]["grad-norm"])
+    assert second["rev"]["skipped"] == 0
+    assert second["rev"]["lm loss"] == pytest.approx(ref["steps"][1]["rev"]["lm loss"], rel=1e-6)
+    assert second["rev"]["grad-norm"] == pytest.approx(ref["steps"][1]["rev"]["grad-norm"], rel=1e-5)
+
+
+def _expected_lr(step, lr, min_lr, warmup, decay, style):
+    """megatron's OptimizerParamScheduler.get_lr, written out (step = updates already done)."""
+    if warmup > 0 and step <= warmup:
+        return lr * step / warmup
+    if style == "constant":
+        return lr
+    if step > decay:
+        return min_lr
+    ratio = (step - warmup) / (decay - warmup)
+    coeff = 1.0 - ratio if style == "linear" else 0.5 * (math.cos(math.pi * ratio) + 1.0)
+    return min_lr + coeff * (lr - min_lr)
+
+
+def test_each_tenant_follows_its_own_schedule(data):
+    cfg = run_config(data, tenants=("rev", "up"), train_iters=5)
+    cfg["tenants"][0].update(lr_warmup_iters=2, lr_decay_iters=4, min_lr=0.001)
+    cfg["tenants"][1].update(lr_warmup_iters=0, lr_decay_iters=5)
+    history = run_world(_train, 1, cfg, 5)[0]["history"]
+    for t, (lr, min_lr, warmup, decay, style) in {
+        "rev": (0.01, 0.001, 2, 4, "cosine"), "up": (0.02, 0.001, 0, 5, "linear")
+    }.items():
+        got = [it[t]["learning-rate"] for it in history]
+        want = [_expected_lr(s, lr, min_lr, warmup, decay, style) for s in range(5)]
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12), t
+    assert history[0]["rev"]["learning-rate"] == 0.0 and history[2]["rev"]["learning-rate"] == 0.01
+
+
+def _full_run(trainer, iters):
+    trainer.train()
+
+
+def test_metrics_files_have_per_tenant_rows(data, tmp_path):
+    cfg = run_config(data, tensorboard_dir=str(tmp_path / "tb"), metrics_file=str(tmp_path / "m.jsonl"),
+                     eval_interval=2, train_iters=2)
+    run_world(_train, 1, cfg, 2, _full_run)
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "lm loss" in r]
+    valid_rows = [r for r in rows if "lm loss validation" in r]
+    assert {(r["iteration"], r["tenant"]) for r in train_rows} == {(i, t) for i in (1, 2) for t in ("rev", "up", "txt")}
+    assert {r["tenant"] for r in valid_rows} == {"rev", "up", "txt"}
+    for r in train_rows:
+        assert {"learning-rate", "grad-norm", "tokens", "iteration-time", "throughput", "batch-size"} <= set(r)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"rev/lm loss", "up/lm loss validation", "txt/learning-rate", "throughput"} <= tags
+
+
+BAD = [
+    ({"lora": {"max_slots": 4, "max_rank": 4}}, "exceeds lora.max_rank"),
+    ({"model": "no-such-model"}, "unknown model preset"),
+    ({"lora": {"max_slots": 2, "max_rank": 16, "queue": False}}, "slots"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=lambda x: str(x)[:30])
+def test_bad_configuration_fails_fast_with_a_clear_message(data, tmp_path, change, message):
+    import yaml
+
+    cfg = run_config(data)
+    cfg.update(change)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "megatron_multilora.train", "--config", str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "initialize" not in proc.stderr.lower() and "megatron.core" not in proc.stderr
+
+
+def test_missing_data_file_duplicate_names_and_tp_not_dividing_heads(data, tmp_path):
+    import yaml
+
+    cfg = run_config(data)
+    cfg["tenants"][1]["train_data"] = str(tmp_path / "missing.jsonl")
+    cfg["tenants"][2]["name"] = "rev"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_multilora.train", "--config", str(path),
+         "--tensor-model-parallel-size", "3", "--sequence-parallel"],
+        capture_output=True, text=True, cwd=REPO, timeout=120, env={**__import__("os").environ, "WORLD_SIZE": "3"},
+    )
+    assert proc.returncode == 2
+    for part in ("missing.jsonl", "duplicate", "num_attention_heads"):
+        assert part in proc.stderr, (part, proc.stderr)
