@@ -7,12 +7,21 @@ or model is created.
 from __future__ import annotations
 
 import sys
+import warnings
 
 from .arguments import parse_run_config
 from .config import ConfigError
 
 
+def _quiet_known_warnings() -> None:
+    """megatron-core warns at import about optional GPU packages (apex, transformer-engine) and torch about
+    collective names megatron uses; on every rank, at every start. Our own warnings stay."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed(\..*)?")
+
+
 def main(argv=None) -> int:
+    _quiet_known_warnings()
     try:
         run = parse_run_config(argv)
     except ConfigError as e:

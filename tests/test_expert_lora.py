@@ -121,9 +121,12 @@ def test_expert_grads_are_meaningful_and_no_delta_w(reference):
     assert any(".shared_experts." in k[0] for k in out["grads"])
     for (layer, which), g in expert.items():
         assert not g[3].any(), f"idle slot has a gradient in {layer}.{which}"
-    # every tenant reaches some expert (targets include experts for all three)
-    for slot in range(3):
-        assert any(g[slot].abs().max() > 0 for g in expert.values())
+    # a tenant's expert targets decide which expert linears learn for it ('c' does not target expert_fc2)
+    for slot, (name, _rank, _alpha, targets) in enumerate(W.TENANTS):
+        for kind in ("fc1", "fc2"):
+            grads = [g[slot] for (layer, _), g in expert.items() if layer.endswith("linear_" + kind)]
+            targeted = targets is None or f"expert_{kind}" in targets
+            assert any(bool(g.any()) for g in grads) == targeted, (name, kind)
 
 
 LAYOUTS = [

@@ -312,3 +312,42 @@ def test_unsupported_megatron_core_version(monkeypatch, version):
 
 def test_supported_version():
     assert platform.check_megatron_core_version() == "0.16.1"
+
+
+
+def _dead_peer(rank, port, timeout_seconds, results):
+    """Rank 1 dies right after joining; rank 0's next collective must fail, not wait forever."""
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    import torch.distributed as dist
+
+    platform.init_distributed(timeout_seconds=timeout_seconds)
+    if rank == 1:
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+        results.put((None, "", time.monotonic() - start))
+    except Exception as e:  # noqa: BLE001 - raising is what is checked
+        results.put((type(e).__name__, str(e)[:300], time.monotonic() - start))
+
+
+def test_a_dead_rank_makes_the_survivor_fail_instead_of_hanging():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = platform.free_port()
+    procs = [ctx.Process(target=_dead_peer, args=(r, port, 20.0, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        raised, message, _seconds = results.get(timeout=180)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert raised is not None, "the all-reduce with a dead peer returned"
+    assert message

@@ -117,8 +117,9 @@ class MultiAdapterDataSource:
         return sorted(self._streams)
 
     def add_tenant(self, name: str, dataset, global_batch_size: int, max_epochs: int | None = None, *,
-                   state: dict | None = None) -> None:
-        """Register a tenant; ``state`` (:meth:`tenant_state`, maybe of another run) resumes its stream."""
+                   state: dict | None = None, seed: int | None = None) -> None:
+        """Register a tenant; ``state`` (:meth:`tenant_state`, maybe of another run) resumes its stream;
+        ``seed`` overrides the source's seed for this tenant's stream."""
         if name in self._streams:
             raise ValueError(f"tenant {name!r} is already in the data source")
         if len(dataset) == 0:
@@ -137,7 +138,7 @@ class MultiAdapterDataSource:
                     f"tenant {name!r}: seq_length {dataset.seq_length} / pad_id {dataset.pad_id} differ from "
                     f"tenant {other.name!r} ({other.dataset.seq_length} / {other.dataset.pad_id})"
                 )
-        stream = _Stream(name, dataset, global_batch_size, max_epochs, self.seed)
+        stream = _Stream(name, dataset, global_batch_size, max_epochs, self.seed if seed is None else seed)
         if state is not None:
             stream.load(state)
         self._streams[name] = stream
