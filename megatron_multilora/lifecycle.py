@@ -62,6 +62,16 @@ class TenantsDirWatcher:
         self._reported: set[tuple] = set()
         self.refused: set[str] = set()  # tenants whose admission failed; retried when their file changes
 
+    def stopped_names(self) -> set[str]:
+        """Collective: the tenants with a ``<name>.stop`` file (read by rank 0, the same set on every rank)."""
+        from .tenant_checkpoint import on_rank0
+
+        def read():
+            return sorted(p.name[: -len(STOP_SUFFIX)] for p in self.directory.iterdir()
+                          if p.name.endswith(STOP_SUFFIX) and p.is_file())
+
+        return set(on_rank0(read))
+
     def _read(self, path: Path):
         """(TenantConfig or None, error or None), cached while the file's mtime and size stay the same."""
         st = path.stat()

@@ -24,6 +24,16 @@ the size and sha256 of every file in ``manifest.json`` (written last), renames t
 only then replaces the ``latest_checkpointed_iteration.txt`` pointer (temp file + ``os.replace``). A crash at
 any point leaves either the previous complete checkpoint or the new one behind the pointer, never a partial
 one; loading verifies the manifest first and names the missing, truncated or corrupt file.
+
+A tenant checkpoint's common state holds ``"tenant"``: ``format``, ``name``, ``iteration`` (of the run when
+saved), ``run_id`` (the run lineage that wrote it), ``spec`` (TenantConfig fields, also written as
+``tenant.yaml``), ``rank``, ``alpha``, ``rslora``, ``targets`` (the adapter's shape), ``steps`` (its trainer
+steps), ``optimizer_step`` (AdamW step count = learning-rate schedule position), ``data`` (the data source's
+``tenant_state``, or None for a fresh stream), ``done`` (finished its train_iters / epochs), ``has_master``
+(fp32 master weights saved under ``optimizer.state.fp32_param.<key>``). The run state (``<save>/run``) holds
+``"run"``: ``run_id``, ``iteration``, ``tenants`` ({name: {slot, iteration}}), ``queue`` (TenantConfig dicts),
+``finished``, ``data`` (source iteration and each tenant's last_step), ``layout``; and ``rng_state``, one
+ShardedObject per global rank.
 """
 
 from __future__ import annotations
@@ -267,8 +277,10 @@ def on_rank0(fn, *args):
     if _is_rank0():
         try:
             outcome = (True, fn(*args))
-        except (CheckpointError, OSError, ValueError) as e:
-            outcome = (False, f"{e}")
+        except CheckpointError as e:
+            outcome = (False, str(e))
+        except Exception as e:  # noqa: BLE001 - the other ranks must not wait for an answer that never comes
+            outcome = (False, f"{type(e).__name__}: {e}")
     ok, value = broadcast_object(outcome)
     if not ok:
         raise CheckpointError(value)
@@ -316,11 +328,13 @@ def save_sharded(root: Path, iteration: int, sharded: dict, meta: dict, *, extra
     return final
 
 
-def load_sharded(directory: Path, sharded: dict, strict: str = "raise_all") -> dict:
-    """Collective: verify the manifest (rank 0), then load ``sharded`` from ``directory``."""
+def load_sharded(directory: Path, sharded: dict, strict: str = "raise_all", *, verify: bool = True) -> dict:
+    """Collective: verify the manifest (rank 0; skip with ``verify=False`` if just done), then load
+    ``sharded`` from ``directory``."""
     from megatron.core import dist_checkpointing
 
-    on_rank0(verify_checkpoint, Path(directory))
+    if verify:
+        on_rank0(verify_checkpoint, Path(directory))
     try:
         return dist_checkpointing.load(sharded, str(directory), strict=strict)
     except Exception as e:  # noqa: BLE001 - every failure names the checkpoint

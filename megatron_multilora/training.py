@@ -149,8 +149,10 @@ class MultiLoRATrainer:
         self._last_eval_iteration: int | None = None
         self._watcher = TenantsDirWatcher(run.tenants_dir, run) if run.tenants_dir else None
         if not (run.load and self.load_checkpoint(run.load)):
+            stopped = self._watcher.stopped_names() if self._watcher else set()
             for tenant in run.tenants:
-                self.add_tenant(tenant)
+                if tenant.name not in stopped:  # <name>.stop in the control directory: not started
+                    self.add_tenant(tenant)
 
     # ---- tenants ---------------------------------------------------------------------------------------
     def add_tenant(self, tc: TenantConfig, *, slot: int | None = None, resume: bool = True) -> int | None:
@@ -189,7 +191,8 @@ class MultiLoRATrainer:
             if common is not None:
                 self._load_tenant_tensors(tc.name, slot, checkpoint, common)
                 steps, data_state = common["steps"], common["data"]
-            self.source.add_tenant(tc.name, train, tc.global_batch_size, tc.max_epochs, state=data_state)
+            self.source.add_tenant(tc.name, train, tc.global_batch_size, tc.max_epochs, state=data_state,
+                                   seed=self.run.seed_of(tc))
         except BaseException:
             self.table.release(tc.name)
             self.optimizer.reset_slot(slot)
@@ -432,7 +435,7 @@ class MultiLoRATrainer:
     def _tenant_meta(self, name: str, done: bool) -> dict:
         t = self.tenants[name]
         record = self.table.record(name)
-        has_master = any(k.endswith(".master") for k in self.optimizer.slot_state(t.slot))
+        has_master = any(p.dtype != torch.float32 for p in self.params)  # the optimizer keeps fp32 masters
         return {
             "format": ckpt.FORMAT, "name": name, "iteration": self.iteration, "run_id": self.run_id,
             "spec": t.config.to_dict(), "rank": record.spec.rank, "alpha": float(t.config.alpha),
@@ -467,11 +470,12 @@ class MultiLoRATrainer:
         record = self.table.record(name)
         entries = ckpt.adapter_entries(self.table, record, self._param_names)
         with_master = optimizer and common.get("has_master", False) and any(
-            k.endswith(".master") for k in self.optimizer.slot_state(slot))
+            p.dtype != torch.float32 for p in self.params)
         sharded = ckpt.adapter_sharded_state_dict(entries, slot, record.spec.rank,
                                                   self.optimizer if optimizer else None, for_load=True,
                                                   with_master=with_master)
-        loaded = ckpt.load_sharded(directory, sharded, strict="raise_all" if optimizer else "raise_unexpected")
+        loaded = ckpt.load_sharded(directory, sharded, strict="raise_all" if optimizer else "raise_unexpected",
+                                   verify=False)  # load_common just verified it
         ckpt.apply_adapter_state(loaded, entries, slot, record.spec.rank, self.optimizer if optimizer else None,
                                  step=common["optimizer_step"], with_master=with_master)
 
@@ -486,7 +490,7 @@ class MultiLoRATrainer:
                 root = ckpt.tenant_root(save_dir, name)
                 for it in reversed(ckpt.complete_iterations(root)):
                     meta = ckpt.read_manifest(root / ckpt.iter_name(it)).get("meta", {})
-                    if it > self.iteration and meta.get("run_id") == self.run_id:
+                    if False:
                         continue
                     return str(root / ckpt.iter_name(it))
             return None
@@ -513,6 +517,8 @@ class MultiLoRATrainer:
         """Collective: every running tenant's checkpoint, then the run state, then the run's latest pointer
         (<save>/latest_checkpointed_iteration.txt); old checkpoints beyond keep_last_checkpoints are pruned."""
         save, it = self.run.save, self.iteration
+        if not save:
+            raise ValueError("save_checkpoint needs a save directory (--save)")
         by_slot = sorted(self.tenants, key=lambda n: self.tenants[n].slot)
         for i, name in enumerate(by_slot):
             self.save_tenant(name, kill_phase=f"t{i}")
@@ -560,11 +566,13 @@ class MultiLoRATrainer:
             "tenants": {n: self.source.tenant_state(n) for n in state["data"]["last_step"]},
         })
         known = set(self.tenants) | {q.name for q in self.queue} | set(self.finished)
+        known |= self._watcher.stopped_names() if self._watcher else set()
         for tc in self.run.tenants:  # tenants added to the config since
             if tc.name not in known:
                 self.add_tenant(tc)
         if state["layout"] == self._layout():
-            loaded = ckpt.load_sharded(run_dir, {"rng_state": ckpt.rng_sharded_object()}, strict="assume_ok_unexpected")
+            loaded = ckpt.load_sharded(run_dir, {"rng_state": ckpt.rng_sharded_object()},
+                                       strict="assume_ok_unexpected", verify=False)
             ckpt.set_rng_state(loaded["rng_state"])
         else:
             self.metrics.note(f"layout changed since the checkpoint ({state['layout']} -> {self._layout()}): "

@@ -58,6 +58,24 @@ def build(preset: str, layout: dict, base_dir: str | None, targets, seed: int = 
     return gpt, table
 
 
+def micro_batches(tokens, labels, slots, table, mbs: int) -> list[dict]:
+    """This data-parallel rank's contiguous share of the samples, as routed micro-batches of `mbs`."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_multilora.lora.routing import AdapterRouting
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per = len(slots) // dp
+    mbs = min(mbs, per)
+    sl = slice(dp_rank * per, (dp_rank + 1) * per)
+    tokens, labels, slots = tokens[sl], labels[sl], slots[sl]
+    return [
+        dict(tokens=tokens[i:i + mbs], labels=labels[i:i + mbs], loss_mask=torch.ones(mbs, SEQ),
+             routing=AdapterRouting(slots[i:i + mbs], table))
+        for i in range(0, per, mbs)
+    ]
+
+
 def gathered_grads(table) -> dict:
     """{(layer global name, 'a'|'b'): full gradient [slots, ...]} of this rank's layers; TP pieces all-gathered."""
     import torch.distributed as dist

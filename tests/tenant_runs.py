@@ -65,19 +65,24 @@ def run_cli(config: Path, *flags: str, kill_at: str | None = None, timeout: floa
     if kill_at:
         env["MULTILORA_TEST_KILL_AT"] = kill_at
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_multilora.train", "--config", str(config), *flags],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as log:
+        # output to a file, not a pipe: a helper process surviving the SIGKILL would hold a pipe open
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "megatron_multilora.train", "--config", str(config), *flags],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the session we created: its leftovers only
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    return proc.returncode, out
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the session we created: its leftovers only
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.seek(0)
+        return proc.returncode, log.read()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -73,17 +73,34 @@ def test_sigkill_during_training_resumes_exactly(resume_setup):
 
 def test_sigkill_during_save_leaves_no_partial_checkpoint_and_resumes_exactly(resume_setup):
     d, config, baseline = resume_setup
-    # killed inside the save at iteration 6: tenant 0 (a) is complete, tenant 1 (c) is in its temporary
-    # directory, the run state is not written
-    on_disk, killed, resumed, out, save = _kill_and_resume(d, config, "save", "save:6:t1")
+    # killed inside the save at iteration 6, after both tenants' checkpoints (a, and c which joined from the
+    # queue at 5) were promoted, with the run state still in its temporary directory: the run's latest pointer
+    # stays at 4 while a's and c's point at 6. The resumed run must not use those: a is restored from the run
+    # state (iteration 4), and c -- queued at 4 -- must start fresh again at 5, not from "its" iteration 6
+    # (written by the same run lineage after the checkpoint it resumes from).
+    on_disk, killed, resumed, out, save = _kill_and_resume(d, config, "save", "save:6:run")
     assert on_disk["run"] == "4"
+    assert on_disk["tenants"]["c"] == ["iter_0000006", "latest_checkpointed_iteration.txt"]
     assert "iter_0000006" in on_disk["tenants"]["a"]
-    assert on_disk["tenants"]["c"] == [".tmp.iter_0000006"]  # never promoted, no latest pointer
     _assert_same(baseline, killed, 0, upto=6)
     _assert_same(baseline, resumed, 4)
-    final = sorted(os.listdir(save / "tenants" / "c"))
-    assert final == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"]  # leftovers gone
+    assert "tenant c: resumed" not in out
+    assert sorted(os.listdir(save / "run")) == ["iter_0000006", "iter_0000008"]  # no .tmp leftover
     assert (save / "tenants" / "c" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+
+
+def test_partial_tenant_save_is_never_promoted(resume_setup):
+    d, config, _ = resume_setup
+    # killed while tenant 1 (c) of the save at iteration 6 is in its temporary directory: a is complete at 6,
+    # c has no checkpoint and no pointer at all, the run's pointer stays at 4
+    save = d / "partial_ckpt"
+    code, out = tr.run_cli(config, "--save", str(save), "--metrics-file", str(d / "partial.jsonl"),
+                           kill_at="save:6:t1")
+    assert code == -9, out[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert sorted(os.listdir(save / "tenants" / "c")) == [".tmp.iter_0000006"]
+    assert (save / "tenants" / "a" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert json.loads((save / "tenants" / "a" / "iter_0000006" / "manifest.json").read_text())["meta"]["iteration"] == 6
 
 
 # ---------------------------------------------------------------------------------------------- resharding
@@ -139,10 +156,11 @@ def _last_rank(results):
     return max(results, key=lambda r: r["rank"])  # the last pipeline stage holds the losses
 
 
-def _close(x: dict, y: dict, tol=2e-5):
+def _close(x: dict, y: dict, tol=5e-6):
+    """Across layouts only the order of float32 reductions differs (measured: <= 7e-7 on losses ~7)."""
     assert set(x) == set(y)
     for k in x:
-        assert abs(x[k] - y[k]) <= tol * max(1.0, abs(y[k])), (k, x[k], y[k])
+        assert abs(x[k] - y[k]) <= tol, (k, x[k], y[k])
 
 
 def test_reshard_tp2_ep2_to_tp1_pp2_and_back_into_other_slots(tmp_path):
@@ -197,19 +215,19 @@ def _small_world(cfg: dict, save: str, step: str):
 
 def test_corrupt_shard_and_truncated_metadata_are_named(tmp_path):
     save = tmp_path / "ckpt"
-    cfg = tr.run_config([tr.tenant(tmp_path, "a", seed=1)], save=str(save), load=None)
+    cfg = tr.run_config([tr.tenant(tmp_path, "a", seed=1)], save=str(save))
     run_world(_small_world, 1, cfg, str(save), "save")
     it = save / "tenants" / "a" / "iter_0000001"
     pristine = tmp_path / "pristine"
     shutil.copytree(it, pristine)
-    fresh = tr.run_config([tr.tenant(tmp_path, "z", seed=2)], save=str(tmp_path / "other"), load=str(save))
-    fresh["load"] = None  # the trainer starts fresh; the test loads explicitly
+    # a fresh run (tenant z) whose save directory holds a's checkpoint: scoped("a") and load_checkpoint read it
+    fresh = tr.run_config([tr.tenant(tmp_path, "z", seed=2)], save=str(save))
 
     shard = sorted(it.glob("*.distcp"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    errors = run_world(_small_world, 1, {**fresh, "load": None, "save": str(save)}, str(save), "load")[0]
+    errors = run_world(_small_world, 1, fresh, str(save), "load")[0]
     for where in ("scoped", "load"):
         assert str(shard) in errors[where] and "corrupt" in errors[where], errors[where]
 
@@ -217,7 +235,7 @@ def test_corrupt_shard_and_truncated_metadata_are_named(tmp_path):
     shutil.copytree(pristine, it)
     meta = it / "metadata.json"
     meta.write_bytes(meta.read_bytes()[:5])
-    errors = run_world(_small_world, 1, {**fresh, "load": None, "save": str(save)}, str(save), "load")[0]
+    errors = run_world(_small_world, 1, fresh, str(save), "load")[0]
     for where in ("scoped", "load"):
         assert str(meta) in errors[where] and "truncated" in errors[where], errors[where]
 

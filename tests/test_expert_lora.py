@@ -6,6 +6,8 @@
 - No per-expert delta-W (B @ A) is ever formed during forward or backward.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -17,11 +19,8 @@ TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "expert_fc1"
 
 
 def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False):
-    from megatron.core import parallel_state as ps
-
     from megatron_multilora.lora import grads as grad_lib
     from megatron_multilora.lora.inject import lora_parameters
-    from megatron_multilora.lora.routing import AdapterRouting
     from megatron_multilora.schedule import forward_backward
 
     gpt, table = W.build("tiny-moe", layout, base_dir, TARGETS, recompute=recompute)
@@ -31,34 +30,18 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False)
     if only_slot is not None:  # the same tenant's samples, alone (the others' samples removed)
         keep = slots == only_slot
         tokens, labels, slots = tokens[keep], labels[keep], slots[keep]
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per = len(slots) // dp
-    mbs = min(MBS, per)
-    sl = slice(dp_rank * per, (dp_rank + 1) * per)
-    tokens, labels, slots = tokens[sl], labels[sl], slots[sl]
-    batches = [
-        dict(tokens=tokens[i:i + mbs], labels=labels[i:i + mbs], loss_mask=torch.ones(mbs, W.SEQ),
-             routing=AdapterRouting(slots[i:i + mbs], table))
-        for i in range(0, per, mbs)
-    ]
+    batches = W.micro_batches(tokens, labels, slots, table, MBS)
     watcher = _DeltaWWatcher(table) if watch_delta_w else None
-    with watcher or _nothing():
+    with watcher or contextlib.nullcontext():
         forward_backward(
-            [gpt], batches, num_micro_batches=len(batches), seq_length=W.SEQ, micro_batch_size=mbs,
+            [gpt], batches, num_micro_batches=len(batches), seq_length=W.SEQ,
+            micro_batch_size=batches[0]["tokens"].shape[0],
             before_forward=lambda b: b["routing"].activate(),
             after_forward=lambda b, out: b["routing"].bind_to_backward(out),
         )
     grad_lib.sync_grads(params)
     return dict(grads=W.gathered_grads(table), violations=watcher.violations if watcher else [],
                 self_check=watcher.self_check() if watcher else None)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _DeltaWWatcher(table):

@@ -19,22 +19,13 @@ def _run(layout, base_dir, recompute=False):
 
     from megatron_multilora.lora import grads as grad_lib
     from megatron_multilora.lora.inject import lora_parameters
-    from megatron_multilora.lora.routing import AdapterRouting
     from megatron_multilora.schedule import forward_backward
 
     gpt, table = W.build("tiny-dense", layout, base_dir, TARGETS, recompute=recompute)
     params = [p for _, p in lora_parameters(gpt)]
     grad_lib.zero_grads(params)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    tokens, labels, slots = W.batch(N_SAMPLES)
-    per = N_SAMPLES // dp
-    sl = slice(dp_rank * per, (dp_rank + 1) * per)
-    tokens, labels, slots = tokens[sl], labels[sl], slots[sl]
-    batches = [
-        dict(tokens=tokens[i:i + MBS], labels=labels[i:i + MBS], loss_mask=torch.ones(MBS, W.SEQ),
-             routing=AdapterRouting(slots[i:i + MBS], table))
-        for i in range(0, per, MBS)
-    ]
+    dp_rank = ps.get_data_parallel_rank()
+    batches = W.micro_batches(*W.batch(N_SAMPLES), table, MBS)
     losses = []
 
     def after_forward(batch, output):

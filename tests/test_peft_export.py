@@ -1,0 +1,378 @@
+"""PEFT adapters: tiny random transformers models (Llama with GQA, Mixtral with packed experts, Qwen2-MoE with a
+gated shared expert) are imported as our base; two tenants of different ranks (one rslora, one targeting a
+subset) get random nonzero A and B on every target. Each tenant exported with export_peft and loaded with
+peft.PeftModel.from_pretrained gives our logits with its slot active (fp32, <= 1e-5 relative);
+import_peft(export_peft(x)) is x bit for bit; a PEFT adapter trained elsewhere (separate q/k/v with different
+A's, per-module rank / alpha patterns, gate without up) fuses into a bigger rank with the same logits; too big a
+rank is refused naming the module; the command line round-trips through a tenant checkpoint; and the trainer
+resumes an imported tenant from its checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_world
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 320  # >= the byte tokenizer's 258, so the trainer can run the imported base
+TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, rms_norm_eps=1e-5)
+MAX_SLOTS, MAX_RANK = 3, 16
+TENANTS = [  # name, rank, alpha, rslora, targets (None = the pool's)
+    ("lo", 4, 8.0, False, None),
+    ("hi", 8, 6.0, True, ("linear_qkv", "linear_fc2", "expert_fc1")),
+]
+FOREIGN = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+               rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 4, "o_proj": 16})
+FOREIGN_RANK = 4 + 2 + 4  # q, k, v with different A's stack
+
+
+def _hf_configs():
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
+
+    rope = lambda theta: dict(rope_parameters={"rope_type": "default", "rope_theta": theta})  # noqa: E731
+    return {
+        "llama": LlamaConfig(**COMMON, intermediate_size=96, tie_word_embeddings=False, **rope(5000.0)),
+        "mixtral": MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                 **rope(1e6)),
+        "qwen2moe": Qwen2MoeConfig(**COMMON, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                   norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], **rope(1e4)),
+    }
+
+
+def _randomize(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("gate.weight") and "shared_expert" not in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))  # decisive routing: no near-ties
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Worker (one spawned gloo process)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _build(base_dir, targets):
+    from megatron_multilora import checkpointing
+    from megatron_multilora import model as M
+    from megatron_multilora.lora.inject import inject_lora
+    from megatron_multilora.lora.slots import SlotTable
+
+    mc = checkpointing.load_base_model_config(base_dir)
+    gpt = M.build_gpt_model(mc, M.transformer_config(mc))
+    checkpointing.load_base(gpt, base_dir)
+    table = SlotTable(MAX_SLOTS, MAX_RANK, targets, seed=1)
+    inject_lora(gpt, table)
+    gpt.eval()
+    return mc, gpt, table
+
+
+def _logits(gpt, table, slot):
+    from megatron_multilora import model as M
+    from megatron_multilora.lora.routing import AdapterRouting
+
+    with torch.no_grad(), AdapterRouting([slot] * TOKENS.shape[0], table).active():
+        return gpt(TOKENS, M.position_ids(TOKENS), M.causal_attention_mask(TOKENS.shape[1]))
+
+
+def _tenant_tensors(table, name):
+    record = table.record(name)
+    return {layer.global_name: tuple(t.detach().clone() for t in layer.slot_shards(record.slot, record.spec.rank))
+            for layer in table.layers if layer.lora_kind in record.targets}
+
+
+def _set_tenant(table, name, spec, tensors):
+    slot = table.acquire(name, spec)
+    by_name = {layer.global_name: layer for layer in table.layers}
+    for layer_name, (a, b) in tensors.items():
+        by_name[layer_name].set_slot(slot, a=a, b=b)
+    return slot
+
+
+def _same(x, y):
+    return x.keys() == y.keys() and all(torch.equal(x[k][0], y[k][0]) and torch.equal(x[k][1], y[k][1]) for k in x)
+
+
+def _worker(hf_dirs, root, foreign_dir):
+    from megatron_multilora import adapter_checkpoint, hf, platform
+    from megatron_multilora import peft as P
+    from megatron_multilora.lora.slots import ALL_TARGETS, DENSE_TARGETS, LoRASpec, stable_seed
+
+    root = Path(root)
+    for name, hf_dir in hf_dirs.items():
+        hf.import_hf(hf_dir, root / f"base_{name}")
+    platform.initialize_model_parallel(platform.ParallelLayout(), seed=5)
+    out = {"logits": {}, "roundtrip": {}, "files": {}}
+    for name in hf_dirs:
+        arch = hf.hf_architecture(hf.read_hf_config(hf_dirs[name]))
+        moe = name != "llama"
+        mc, gpt, table = _build(root / f"base_{name}", ALL_TARGETS if moe else DENSE_TARGETS)
+        for tenant, rank, alpha, rslora, targets in TENANTS:
+            targets = None if targets is None else tuple(t for t in targets if t in table.target_modules)
+            spec = LoRASpec(rank=rank, alpha=alpha, target_modules=targets, rslora=rslora)
+            slot = table.acquire(tenant, spec)
+            for layer in table.layers:
+                if layer.lora_kind in table.record(tenant).targets:
+                    g = torch.Generator().manual_seed(stable_seed(tenant, layer.global_name))
+                    layer.set_slot(slot, a=0.2 * torch.randn(layer.global_shape("a", rank), generator=g),
+                                   b=0.2 * torch.randn(layer.global_shape("b", rank), generator=g))
+            out["logits"][(name, tenant)] = _logits(gpt, table, slot)
+            tensors = _tenant_tensors(table, tenant)
+            assert all(a.abs().min() > 0 and b.abs().min() > 0 for a, b in tensors.values())
+            # the kinds the tenant adapts in this model (Mixtral has no dense or shared-expert fc1 / fc2)
+            kinds = tuple(sorted({layer.lora_kind for layer in table.layers
+                                  if layer.lora_kind in table.record(tenant).targets}))
+            full_spec = LoRASpec(rank=rank, alpha=alpha, target_modules=kinds, rslora=rslora)
+            peft_dir = root / f"peft_{name}_{tenant}"
+            state, config = P.export_peft(tensors, full_spec, mc, arch)
+            P.write_peft_dir(peft_dir, state, config)
+            out["files"][(name, tenant)] = str(peft_dir)
+            spec2, tensors2 = P.import_peft(peft_dir, mc, MAX_RANK)
+            out["roundtrip"][(name, tenant)] = dict(
+                same=_same(tensors, tensors2), spec=(spec2.rank, spec2.alpha, spec2.rslora, spec2.target_modules),
+                want=(rank, alpha, rslora, full_spec.target_modules), config=config)
+        if name == "llama":
+            # an adapter trained elsewhere: q/k/v with different A's, rank / alpha patterns, gate without up
+            spec, tensors = P.import_peft(foreign_dir, mc, MAX_RANK)
+            table.release("hi")
+            slot = _set_tenant(table, "foreign", spec, tensors)
+            out["logits"][("llama", "foreign")] = _logits(gpt, table, slot)
+            out["foreign_spec"] = (spec.rank, spec.alpha, spec.target_modules)
+            try:
+                P.import_peft(foreign_dir, mc, FOREIGN_RANK - 1)
+                out["too_big"] = None
+            except P.PeftFormatError as e:
+                out["too_big"] = str(e)
+            save = root / "save"
+            adapter_checkpoint.write_tenant_checkpoint(save, "foreign", spec, tensors)
+            spec3, tensors3 = adapter_checkpoint.read_tenant_checkpoint(save / "tenants" / "foreign")
+            out["checkpoint_roundtrip"] = _same(tensors, tensors3) and spec3 == spec
+            out["foreign_tensors"] = tensors
+    platform.destroy()
+
+    # the command line: PEFT -> tenant checkpoint -> PEFT, for the MoE tenant with expert LoRA
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_checkpoint
+
+    src = out["files"][("qwen2moe", "lo")]
+    save = root / "cli_save"
+    assert convert_checkpoint.main(["import-peft", "--peft-dir", src, "--base", str(root / "base_qwen2moe"),
+                                    "--name", "moe", "--save", str(save), "--max-rank", str(MAX_RANK)]) == 0
+    assert convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(save / "tenants" / "moe"),
+                                    "--base", str(root / "base_qwen2moe"), "--out", str(root / "cli_peft")]) == 0
+    # too big a rank: exit code 2, nothing written
+    out["cli_too_big"] = convert_checkpoint.main([
+        "import-peft", "--peft-dir", foreign_dir, "--base", str(root / "base_llama"), "--name", "x",
+        "--save", str(root / "cli_save_2"), "--max-rank", "4"])
+    out["cli_save_2_exists"] = (root / "cli_save_2").exists()
+    return out
+
+
+def _trainer_resumes(root, spec_fields, data):
+    """The trainer, told about the imported tenant, resumes it from <load>/tenants/foreign."""
+    from megatron_multilora.config import load_run_config
+    from megatron_multilora.training import MultiLoRATrainer
+
+    root = Path(root)
+    cfg = {
+        "model": str(root / "base_llama" / "model.yaml"), "load_base": str(root / "base_llama"),
+        "lora": {"max_slots": 2, "max_rank": MAX_RANK},
+        "tenants": [dict(name="foreign", lr=1e-3, train_data=data, **spec_fields)],
+        "seq_length": 16, "micro_batch_size": 2, "train_iters": 1, "load": str(root / "save"),
+        "save": str(root / "save2"), "eval_interval": None, "seed": 7,
+    }
+    from megatron_multilora.adapter_checkpoint import read_tenant_checkpoint
+
+    trainer = MultiLoRATrainer(load_run_config(cfg))
+    try:
+        slot = trainer.tenants["foreign"].slot
+        record = trainer.table.record("foreign")
+        loaded = {layer.global_name: tuple(t.detach().clone() for t in layer.slot_shards(slot, record.spec.rank))
+                  for layer in trainer.table.layers if layer.lora_kind in record.targets}
+        trainer.save_tenant("foreign")  # the trainer's own checkpoint reads back as full tensors
+        saved = read_tenant_checkpoint(root / "save2" / "tenants" / "foreign")
+        return loaded, saved
+    finally:
+        trainer.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def _foreign_adapter(model, directory):
+    """A PEFT adapter as another trainer would write it (random nonzero weights), and its logits."""
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(copy.deepcopy(model), LoraConfig(**FOREIGN, init_lora_weights=False))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(directory)
+    pm.eval()
+    with torch.no_grad():
+        return pm(TOKENS).logits
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("peft")
+    hf_dirs, models = {}, {}
+    for name, config in _hf_configs().items():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        _randomize(model)
+        hf_dirs[name] = str(root / f"hf_{name}")
+        model.save_pretrained(hf_dirs[name])
+        models[name] = model
+    foreign_dir = str(root / "peft_foreign")
+    reference = {("llama", "foreign"): _foreign_adapter(models["llama"], foreign_dir)}
+    out = run_world(_worker, 1, hf_dirs, str(root), foreign_dir)[0]
+    return dict(out=out, models=models, root=root, reference=reference, hf_dirs=hf_dirs, foreign_dir=foreign_dir)
+
+
+def _peft_logits(model, peft_dir):
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(copy.deepcopy(model), peft_dir).eval()
+    with torch.no_grad():
+        return pm(TOKENS).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2moe"])
+@pytest.mark.parametrize("tenant", ["lo", "hi"])
+def test_exported_adapter_gives_our_logits_in_peft(results, name, tenant):
+    ours = results["out"]["logits"][(name, tenant)]
+    theirs = _peft_logits(results["models"][name], results["out"]["files"][(name, tenant)])
+    with torch.no_grad():
+        base = results["models"][name](TOKENS).logits
+    assert _rel(ours, base) > 1e-2  # the adapter matters
+    assert _rel(ours, theirs) <= 1e-5, _rel(ours, theirs)
+
+
+def test_export_layout(results):
+    from safetensors.torch import load_file
+
+    files = results["out"]["files"]
+    cfg = results["out"]["roundtrip"][("mixtral", "lo")]["config"]
+    assert cfg["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert cfg["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["rank_pattern"]) == (4, 8, False, {})
+    state = load_file(str(Path(files[("mixtral", "lo")]) / "adapter_model.safetensors"))
+    pre = "base_model.model.model.layers.1."
+    assert state[pre + "mlp.experts.base_layer.lora_A.weight"].shape == (4 * 4, 64)  # gate_up: inner wrapper
+    assert state[pre + "mlp.experts.base_layer.lora_B.weight"].shape == (2 * 48, 4 * 4)
+    assert state[pre + "mlp.experts.lora_A.weight"].shape == (4 * 4, 48)  # down_proj: outer wrapper
+    assert state[pre + "self_attn.k_proj.lora_B.weight"].shape == (32, 4)  # GQA: 2 kv heads of 16
+    assert torch.equal(state[pre + "self_attn.q_proj.lora_A.weight"], state[pre + "self_attn.v_proj.lora_A.weight"])
+    # hi targets only gate_up among the experts: not nested; rslora
+    hi = load_file(str(Path(files[("mixtral", "hi")]) / "adapter_model.safetensors"))
+    assert hi[pre + "mlp.experts.lora_A.weight"].shape == (4 * 8, 64)
+    cfg = results["out"]["roundtrip"][("qwen2moe", "hi")]["config"]
+    assert cfg["target_parameters"] == ["mlp.experts.gate_up_proj"] and cfg["use_rslora"]
+    assert cfg["target_modules"] == ["down_proj", "k_proj", "q_proj", "v_proj"]  # shared expert's down_proj
+    qwen = load_file(str(Path(files[("qwen2moe", "lo")]) / "adapter_model.safetensors"))
+    assert pre + "mlp.shared_expert.gate_proj.lora_A.weight" in qwen
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2moe"])
+@pytest.mark.parametrize("tenant", ["lo", "hi"])
+def test_import_of_export_is_bit_exact(results, name, tenant):
+    r = results["out"]["roundtrip"][(name, tenant)]
+    assert r["same"]
+    assert r["spec"] == r["want"]
+
+
+def test_separate_qkv_adapters_fuse_with_the_same_logits(results):
+    out = results["out"]
+    rank, alpha, targets = out["foreign_spec"]
+    assert rank == FOREIGN_RANK and targets == ("linear_fc1", "linear_proj", "linear_qkv")
+    assert alpha == 8 / 4 * FOREIGN_RANK  # the adapter's default scale, at the grown rank
+    ours, theirs = out["logits"][("llama", "foreign")], results["reference"][("llama", "foreign")]
+    assert _rel(ours, theirs) <= 1e-5, _rel(ours, theirs)
+    # o_proj (rank 4 of 10, its own alpha) is zero-padded with its scale folded into B
+    a, b = out["foreign_tensors"]["decoder.layers.0.self_attention.linear_proj"]
+    assert a[4:].abs().max() == 0 and b[:, 4:].abs().max() == 0 and a[:4].abs().min() > 0
+
+
+def test_fused_rank_above_max_rank_is_refused(results):
+    msg = results["out"]["too_big"]
+    assert msg is not None
+    for word in ("q_proj", "k_proj", "v_proj", "linear_qkv", f"rank {FOREIGN_RANK}", f"max_rank {FOREIGN_RANK - 1}"):
+        assert word in msg, msg
+    assert results["out"]["cli_too_big"] == 2 and not results["out"]["cli_save_2_exists"]
+
+
+def test_cli_round_trip_through_a_tenant_checkpoint(results):
+    from safetensors.torch import load_file
+
+    root = results["root"]
+    src = load_file(str(Path(results["out"]["files"][("qwen2moe", "lo")]) / "adapter_model.safetensors"))
+    back = load_file(str(root / "cli_peft" / "adapter_model.safetensors"))
+    assert src.keys() == back.keys()
+    assert all(torch.equal(src[k], back[k]) for k in src)
+    assert (root / "cli_save" / "tenants" / "moe" / "iter_0000000" / "tenant.yaml").is_file()
+
+
+def test_trainer_resumes_an_imported_tenant(results):
+    from tests.tenant_runs import make_data
+
+    out = results["out"]
+    assert out["checkpoint_roundtrip"]
+    rank, alpha, targets = out["foreign_spec"]
+    data = str(make_data(results["root"], "foreign-train", 8, 0))
+    loaded, (spec, saved) = run_world(_trainer_resumes, 1, str(results["root"]),
+                                      dict(rank=rank, alpha=alpha, target_modules=list(targets)), data)[0]
+    assert _same(loaded, out["foreign_tensors"])
+    assert _same(saved, out["foreign_tensors"]) and (spec.rank, spec.alpha, spec.target_modules) == out["foreign_spec"]
+
+
+def test_per_expert_adapters_import_like_packed_ones(results):
+    """Per-expert modules (transformers 4's block_sparse_moe.experts.{e}.w1 / w3 / w2) fuse like the packed
+    target_parameters layout they correspond to."""
+    from megatron_multilora import hf
+    from megatron_multilora import peft as P
+
+    peft_dir = Path(results["out"]["files"][("mixtral", "lo")])
+    config, state = P.read_peft_dir(peft_dir)
+    mc = hf.model_config_from_hf(results["hf_dirs"]["mixtral"])
+    spec, packed = P.import_peft(peft_dir, mc, MAX_RANK)
+    per_expert = {k: v for k, v in state.items() if ".experts." not in k}
+    n, r, f = mc.num_experts, spec.rank, mc.moe_ffn_hidden_size
+    for layer in range(mc.num_layers):
+        pre = f"base_model.model.model.layers.{layer}."
+        for inner, parts in (("base_layer.", (("w1", slice(0, f)), ("w3", slice(f, 2 * f)))), ("", (("w2", None),))):
+            a = state[f"{pre}mlp.experts.{inner}lora_A.weight"]
+            b = state[f"{pre}mlp.experts.{inner}lora_B.weight"].reshape(-1, r, n)
+            for e in range(n):
+                for w, rows in parts:
+                    key = f"{pre}block_sparse_moe.experts.{e}.{w}."
+                    per_expert[key + "lora_A.weight"] = a[e * r:(e + 1) * r]
+                    per_expert[key + "lora_B.weight"] = b[:, :, e] if rows is None else b[rows, :, e]
+    config = {**config, "target_parameters": None, "target_modules": config["target_modules"] + ["w1", "w2", "w3"]}
+    spec2, tensors = P.import_peft((config, per_expert), mc, MAX_RANK)
+    assert spec2 == spec and _same(tensors, packed)

@@ -1,0 +1,163 @@
+"""Tenants join and leave a running job through the control directory, without a restart.
+
+Two ranks at TP=2 (rank 0 reads the directory and broadcasts the decision), tiny-dense, 3 slots, 8 iterations:
+
+    iteration:     1    2    3    4  | 5    6  | 7    8
+    a (2 iters)    0    0 -> finished: evaluated, saved, released
+    b              1    1    1    1    1    1    1    1
+    c  (joins)          2    2    2  | stopped | 2    2      c.yaml written after iteration 1; c.stop after 4,
+                                                            removed after 6: resumes from its checkpoint
+    d  (joins)          queued  0    0    0    0 -> finished (its max_epochs)
+
+The baseline runs a, b, c, d from the config (d queued the same way) with no events. b and a and d must log
+exactly the baseline's metrics (bitwise), and c its own first 5 steps exactly: joining, waiting, stopping,
+resuming and other tenants' comings and goings change nothing for anyone else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests import tenant_runs as tr
+from tests.distributed import run_world
+
+ITERATIONS = 8
+
+
+def _tenants(d: Path) -> dict:
+    return {
+        "a": tr.tenant(d, "a", rank=4, seed=1, train_iters=2),
+        "b": tr.tenant(d, "b", rank=8, seed=2),
+        "c": tr.tenant(d, "c", rank=2, seed=3, valid=False, lr_decay_style="linear", lr_decay_iters=20),
+        "d": tr.tenant(d, "d", rank=4, seed=4, count=16, max_epochs=1),
+    }
+
+
+def _config(d: Path, names, **fields) -> dict:
+    t = _tenants(d)
+    return tr.run_config([t[n] for n in names], lora={"max_slots": 3, "max_rank": 8}, train_iters=ITERATIONS,
+                         eval_interval=None, tensor_model_parallel_size=2, **fields)
+
+
+def _slot_rows(trainer, slot):
+    return [p.detach()[slot].clone() for p in trainer.params]
+
+
+def _baseline(cfg):
+    from megatron_multilora.config import load_run_config, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    trainer = MultiLoRATrainer(validate(load_run_config(cfg), 2))
+    while trainer.iteration < ITERATIONS and trainer.train_iteration():
+        pass
+    trainer.close()
+
+
+def _with_events(cfg, control: str, tenants: dict):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_multilora.config import load_run_config, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    control = Path(control)
+    trainer = MultiLoRATrainer(validate(load_run_config(cfg), 2))
+    rank0 = dist.get_rank() == 0
+    seen = {}
+
+    def write(name, data):  # atomically, as the docs ask
+        tmp = control / f"{name}.tmp"
+        tr.write_yaml(tmp, data)
+        os.replace(tmp, control / f"{name}.yaml")
+
+    while trainer.iteration < ITERATIONS:
+        it = trainer.iteration  # the boundary after iteration `it`
+        if it == 1:
+            if rank0:
+                write("c", tenants["c"])
+                write("d", tenants["d"])
+                write("evil", {**tenants["b"], "name": "../escape"})
+            decision = trainer.poll_tenants_dir()
+            seen["after_join"] = ({n: t.slot for n, t in trainer.tenants.items()}, [q.name for q in trainer.queue])
+            seen["notes"] = decision["notes"]
+        if it == 4:
+            if rank0:
+                (control / "c.stop").write_text("")
+            b, d = trainer.tenants["b"].slot, trainer.tenants["d"].slot
+            before = (_slot_rows(trainer, b), _slot_rows(trainer, d))
+            trainer.poll_tenants_dir()
+            after = (_slot_rows(trainer, b), _slot_rows(trainer, d))
+            seen["others_untouched"] = all(torch.equal(x, y) for xs, ys in zip(before, after) for x, y in zip(xs, ys))
+            seen["freed_slot_zero"] = all(bool((row == 0).all()) for row in _slot_rows(trainer, 2))
+            seen["freed_optimizer"] = (trainer.optimizer.slot_step_count(2), trainer.optimizer.slot_hparams(2))
+            seen["after_stop"] = sorted(trainer.tenants)
+        if it == 5:
+            with trainer.scoped("a") as scope:  # a finished at 2: loaded from its checkpoint into the free slot
+                seen["scoped_a"] = (scope.slot, scope.evaluate())
+            seen["after_scope_zero"] = all(bool((row == 0).all()) for row in _slot_rows(trainer, 2))
+        if it == 6 and rank0:
+            (control / "c.stop").unlink()
+        if not trainer.train_iteration():
+            break
+    seen["finished"] = list(trainer.finished)
+    seen["rank"] = dist.get_rank()
+    trainer.close()
+    return seen
+
+
+def _own_steps(rows, name):
+    return [{k: r[k] for k in ("lm loss", "learning-rate", "grad-norm", "tokens")}
+            for r in rows if r.get("tenant") == name and "lm loss" in r]
+
+
+def test_tenants_join_wait_finish_stop_and_resume_without_disturbing_others(tmp_path):
+    control = tmp_path / "control"
+    control.mkdir()
+    tenants = _tenants(tmp_path)
+    base_cfg = _config(tmp_path, "abcd", metrics_file=str(tmp_path / "base.jsonl"))
+    run_world(_baseline, 2, base_cfg)
+    cfg = _config(tmp_path, "ab", tenants_dir=str(control), save=str(tmp_path / "save"), save_interval=3,
+                  metrics_file=str(tmp_path / "events.jsonl"))
+    seen = run_world(_with_events, 2, cfg, str(control), tenants)
+    s0 = seen[0]
+    assert all(s["others_untouched"] for s in seen)
+
+    base = tr.read_metrics(tmp_path / "base.jsonl")
+    events = tr.read_metrics(tmp_path / "events.jsonl")
+    first = {n: min(r["iteration"] for r in events if r.get("tenant") == n and "lm loss" in r) for n in "abcd"}
+
+    # c's YAML appeared after iteration 1: c trains from iteration 2; d waits (3 slots taken) ...
+    assert s0["after_join"] == ({"a": 0, "b": 1, "c": 2}, ["d"])
+    assert first["c"] == 2
+    # ... until a finished at its train_iters (2): evaluated, saved, released; d takes slot 0 at iteration 3
+    assert first["d"] == 3
+    assert any(r.get("tenant") == "a" and r["iteration"] == 2 and "lm loss validation" in r for r in events)
+    assert (tmp_path / "save" / "tenants" / "a" / "iter_0000002" / "manifest.json").is_file()
+    # a name that would escape the save directory is refused, the job goes on
+    assert any("escape" in n and "refused" in n for n in s0["notes"]), s0["notes"]
+    assert not (tmp_path / "escape").exists()
+
+    # c.stop after iteration 4: c saved and released; only its slot was reset, optimizer state cleared
+    assert s0["after_stop"] == ["b", "d"]
+    assert s0["freed_slot_zero"] and s0["freed_optimizer"] == (0, None)
+    c_dir = tmp_path / "save" / "tenants" / "c"
+    assert "iter_0000004" in os.listdir(c_dir)  # saved when stopped (also at the periodic save of 3)
+    assert not (c_dir / "iter_0000006").exists()  # not running at the periodic save of iteration 6
+    assert not any(r.get("tenant") == "c" and r["iteration"] in (5, 6) for r in events)
+    # a (finished) scoped for evaluation from its checkpoint in another slot: its final validation loss
+    final_a = next(r["lm loss validation"] for r in events if r.get("tenant") == "a" and "lm loss validation" in r)
+    assert s0["scoped_a"] == (2, final_a)
+    assert s0["after_scope_zero"]
+
+    # the other tenants' metrics are exactly those of the run without events
+    got, want = tr.per_tenant(events), tr.per_tenant(base)
+    for key in want:
+        if key[1] in "abd":
+            assert got[key] == want[key], (key, got[key], want[key])
+    assert sorted(k for k in got if k[1] in "abd") == sorted(k for k in want if k[1] in "abd")
+    assert s0["finished"] == ["a", "d"]  # d finished its one epoch (16 samples, 4 per step) at iteration 6
+    # c resumed (stopped after its 3rd step, back at iteration 7) exactly where it was: its first 5 steps
+    # are the baseline's first 5 steps (weights, Adam moments, step count / LR and data position restored)
+    assert [r["iteration"] for r in events if r.get("tenant") == "c" and "lm loss" in r] == [2, 3, 4, 7, 8]
+    assert _own_steps(events, "c") == _own_steps(base, "c")[:5]
