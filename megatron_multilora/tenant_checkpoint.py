@@ -341,11 +341,13 @@ def load_sharded(directory: Path, sharded: dict, strict: str = "raise_all", *, v
         raise CheckpointError(f"cannot load checkpoint {directory}: {type(e).__name__}: {e}") from e
 
 
-def load_common(directory: Path) -> dict:
-    """Collective: verify (rank 0) and read the common (non-tensor) state of a checkpoint."""
+def load_common(directory: Path, *, verify: bool = True) -> dict:
+    """Collective: verify (rank 0; skip with ``verify=False`` if just done) and read the common (non-tensor)
+    state of a checkpoint."""
     from megatron.core import dist_checkpointing
 
-    on_rank0(verify_checkpoint, Path(directory))
+    if verify:
+        on_rank0(verify_checkpoint, Path(directory))
     try:
         return dist_checkpointing.load_common_state_dict(str(directory))
     except Exception as e:  # noqa: BLE001
@@ -428,7 +430,8 @@ def adapter_sharded_state_dict(entries, slot: int, rank: int, optimizer=None, *,
             tensor = torch.zeros_like(tensor) if for_load else tensor.detach().clone().contiguous()
             key = e.key if not prefix else f"optimizer.state.{prefix}.{e.key}"
             view, offsets = _global_view(e.layer, e.which, tensor)
-            sharded[key] = ShardedTensor.from_rank_offsets(key, view, *offsets, replica_id=_replica_id(e.layer, e.which))
+            sharded[key] = ShardedTensor.from_rank_offsets(key, view, *offsets,
+                                                           replica_id=_replica_id(e.layer, e.which))
     return sharded
 
 

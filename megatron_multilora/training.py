@@ -169,10 +169,11 @@ class MultiLoRATrainer:
         found = self.find_tenant_checkpoint(tc.name) if resume else None
         return self._acquire(tc, slot, found)
 
-    def _acquire(self, tc: TenantConfig | None, slot: int | None, checkpoint=None, *, saved_spec: bool = False):
+    def _acquire(self, tc: TenantConfig | None, slot: int | None, checkpoint=None, *, saved_spec: bool = False,
+                 verified: bool = False):
         """Take a slot for a tenant, fresh or from ``checkpoint`` (its directory); ``saved_spec``: train with the
         spec stored in the checkpoint (exact resume) instead of ``tc``."""
-        common = ckpt.load_common(checkpoint)["tenant"] if checkpoint is not None else None
+        common = ckpt.load_common(checkpoint, verify=not verified)["tenant"] if checkpoint is not None else None
         if saved_spec:
             tc = tenant_from_dict(dict(common["spec"]), f"checkpoint {checkpoint}: tenant")
         elif common is not None:
@@ -490,7 +491,7 @@ class MultiLoRATrainer:
                 root = ckpt.tenant_root(save_dir, name)
                 for it in reversed(ckpt.complete_iterations(root)):
                     meta = ckpt.read_manifest(root / ckpt.iter_name(it)).get("meta", {})
-                    if False:
+                    if it > self.iteration and meta.get("run_id") == self.run_id:
                         continue
                     return str(root / ckpt.iter_name(it))
             return None
@@ -525,8 +526,8 @@ class MultiLoRATrainer:
         state = self._run_state()
         root = ckpt.run_root(save)
         ckpt.save_sharded(root, it, {"run": state, "rng_state": ckpt.rng_sharded_object(ckpt.rng_state())},
-                          {"iteration": it, "run_id": self.run_id}, before_promote=lambda: kill_point("save", it, "run"),
-                          tracker=False)
+                          {"iteration": it, "run_id": self.run_id},
+                          before_promote=lambda: kill_point("save", it, "run"), tracker=False)
         kill_point("save", it, "pointer")
         ckpt.on_rank0(ckpt.write_tracker, Path(save).resolve(), it)
         self._saved_iteration = it
@@ -551,15 +552,16 @@ class MultiLoRATrainer:
         run_dir = ckpt.run_root(base) / ckpt.iter_name(it)
         common = ckpt.load_common(run_dir)
         state = common["run"]
-        self.queue = []
+        tenant_dirs = {name: ckpt.tenant_root(base, name) / ckpt.iter_name(info["iteration"])
+                       for name, info in state["tenants"].items()}
+        ckpt.on_rank0(lambda: [ckpt.verify_checkpoint(p) for p in tenant_dirs.values()])  # before changing anything
+        self.queue = []  # (releasing must not admit queued tenants)
         for name in list(self.tenants):
             self.release_tenant(name, finished=False)
-        self.queue = []
         self.run_id, self.iteration = state["run_id"], state["iteration"]
         self.finished = list(state["finished"])
         for name, info in sorted(state["tenants"].items(), key=lambda kv: kv[1]["slot"]):
-            tenant_dir = ckpt.tenant_root(base, name) / ckpt.iter_name(info["iteration"])
-            self._acquire(None, info["slot"], tenant_dir, saved_spec=True)
+            self._acquire(None, info["slot"], tenant_dirs[name], saved_spec=True, verified=True)
         self.queue = [tenant_from_dict(d, "checkpoint queue") for d in state["queue"]]
         self.source.load_state_dict({
             "iteration": state["data"]["iteration"], "last_step": state["data"]["last_step"],

@@ -105,11 +105,12 @@ def test_partial_tenant_save_is_never_promoted(resume_setup):
 
 # ---------------------------------------------------------------------------------------------- resharding
 #
-# tiny-moe with LoRA on the dense and the expert linears. World 1: TP=2 x EP=2 (sequence parallel, 4 ranks)
-# trains 3 iterations, evaluates, saves, trains 2 more. World 2: TP=1 x PP=2 (2 ranks) resumes the run from
-# that checkpoint: same validation loss, same next two training losses (optimizer moments, step counts and
-# data positions crossed the layout change); it saves again. World 3: TP=2 x EP=2 again, a fresh run whose
-# tenants find their checkpoints (saved at TP=1 x PP=2) and land in other slots: same losses again.
+# tiny-moe with LoRA on the dense and the expert linears. World 1: TP=2 x EP=2 (sequence parallel, expert
+# TP 2; 4 ranks) trains 3 iterations, evaluates, saves, trains 2 more. World 2: TP=1 x PP=2 x EP=1 (2 ranks)
+# resumes the run from that checkpoint: same validation loss, same next two training losses (optimizer moments,
+# step counts and data positions crossed the layout change); it saves again. World 3: back to TP=2 (sequence
+# parallel, PP=1; 2 ranks), a fresh run whose tenants find their checkpoints (saved at TP=1 x PP=2) and land
+# in other slots: same losses again.
 
 MOE_TENANTS = [
     dict(name="a", rank=4, seed=11),
@@ -163,7 +164,7 @@ def _close(x: dict, y: dict, tol=5e-6):
         assert abs(x[k] - y[k]) <= tol, (k, x[k], y[k])
 
 
-def test_reshard_tp2_ep2_to_tp1_pp2_and_back_into_other_slots(tmp_path):
+def test_reshard_tp2_ep2_to_tp1_pp2_and_back_to_tp2_into_other_slots(tmp_path):
     base, s1, s2 = str(tmp_path / "base"), str(tmp_path / "s1"), str(tmp_path / "s2")
     tp2ep2 = dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, sequence_parallel=True)
     w1 = _last_rank(run_world(_reshard_world, 4, _moe_config(tmp_path, tp2ep2, save=s1), 4, "save", base, s1))
@@ -176,10 +177,11 @@ def test_reshard_tp2_ep2_to_tp1_pp2_and_back_into_other_slots(tmp_path):
     for got, want in zip(w2["train"], w1["train"]):
         _close(got, want)
 
-    # a fresh run at TP=2 x EP=2: tenant z takes slot 0, a and b resume from s2 into slots 1 and 2
-    cfg3 = _moe_config(tmp_path, tp2ep2, load_base=base, save=s2)
+    # a fresh run at TP=2: tenant z takes slot 0, a and b resume from s2 into slots 1 and 2
+    tp2 = dict(tensor_model_parallel_size=2, sequence_parallel=True)
+    cfg3 = _moe_config(tmp_path, tp2, load_base=base, save=s2)
     cfg3["tenants"] = [tr.tenant(tmp_path, "z", rank=2, seed=13)] + cfg3["tenants"]
-    w3 = _last_rank(run_world(_reshard_world, 4, cfg3, 4, "fresh", base, s2))
+    w3 = _last_rank(run_world(_reshard_world, 2, cfg3, 2, "fresh", base, s2))
     assert w3["slots"] == {"z": 0, "a": 1, "b": 2}
     _close({k: w3["valid"][k] for k in "ab"}, w1["valid"])
     for got, want in zip(w3["train"], w1["train"]):
@@ -190,60 +192,53 @@ def test_reshard_tp2_ep2_to_tp1_pp2_and_back_into_other_slots(tmp_path):
 # and names
 
 
-def _small_world(cfg: dict, save: str, step: str):
+def _load_errors(cfg: dict, directories: list[str]):
+    """For each directory: the errors of scoping tenant a from it and of resuming the run from it."""
     from megatron_multilora import tenant_checkpoint as ckpt
     from megatron_multilora.config import load_run_config, validate
     from megatron_multilora.training import MultiLoRATrainer
 
     trainer = MultiLoRATrainer(validate(load_run_config(cfg), 1))
-    if step == "save":
-        trainer.train_step()
-        trainer.save_checkpoint()
-        return None
-    errors = {}
-    try:
-        with trainer.scoped("a") as scope:
-            errors["scoped"] = scope.evaluate()
-    except ckpt.CheckpointError as e:
-        errors["scoped"] = str(e)
-    try:
-        trainer.load_checkpoint(save)
-    except ckpt.CheckpointError as e:
-        errors["load"] = str(e)
+    errors = []
+    for directory in directories:
+        trainer.run.load = directory  # where scoped() looks for a's checkpoint
+        found = {}
+        try:
+            with trainer.scoped("a") as scope:
+                found["scoped"] = scope.evaluate()
+        except ckpt.CheckpointError as e:
+            found["scoped"] = str(e)
+        try:
+            trainer.load_checkpoint(directory)
+        except ckpt.CheckpointError as e:
+            found["load"] = str(e)
+        errors.append(found)
     return errors
 
 
-def test_corrupt_shard_and_truncated_metadata_are_named(tmp_path):
-    save = tmp_path / "ckpt"
-    cfg = tr.run_config([tr.tenant(tmp_path, "a", seed=1)], save=str(save))
-    run_world(_small_world, 1, cfg, str(save), "save")
-    it = save / "tenants" / "a" / "iter_0000001"
-    pristine = tmp_path / "pristine"
-    shutil.copytree(it, pristine)
-    # a fresh run (tenant z) whose save directory holds a's checkpoint: scoped("a") and load_checkpoint read it
-    fresh = tr.run_config([tr.tenant(tmp_path, "z", seed=2)], save=str(save))
-
-    shard = sorted(it.glob("*.distcp"))[0]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    errors = run_world(_small_world, 1, fresh, str(save), "load")[0]
-    for where in ("scoped", "load"):
-        assert str(shard) in errors[where] and "corrupt" in errors[where], errors[where]
-
-    shutil.rmtree(it)
-    shutil.copytree(pristine, it)
-    meta = it / "metadata.json"
-    meta.write_bytes(meta.read_bytes()[:5])
-    errors = run_world(_small_world, 1, fresh, str(save), "load")[0]
-    for where in ("scoped", "load"):
-        assert str(meta) in errors[where] and "truncated" in errors[where], errors[where]
-
-    (it / "manifest.json").unlink()  # an unpromoted / foreign directory
+def test_corrupt_shard_and_truncated_metadata_are_named(resume_setup, tmp_path):
     from megatron_multilora import tenant_checkpoint as ckpt
 
+    d, _, _ = resume_setup  # its uninterrupted run saved <d>/base_ckpt (run at 8; a and c at iteration 8)
+    broken_shard, broken_meta = tmp_path / "shard", tmp_path / "meta"
+    for copy in (broken_shard, broken_meta):
+        shutil.copytree(d / "base_ckpt", copy)
+    shard = sorted((broken_shard / "tenants" / "a" / "iter_0000008").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    shard.write_bytes(bytes(data))
+    meta = broken_meta / "tenants" / "a" / "iter_0000008" / "metadata.json"
+    meta.write_bytes(meta.read_bytes()[:5])
+
+    cfg = tr.run_config([tr.tenant(tmp_path, "z", seed=2)])
+    shard_errors, meta_errors = run_world(_load_errors, 1, cfg, [str(broken_shard), str(broken_meta)])[0]
+    for where in ("scoped", "load"):
+        assert str(shard.resolve()) in shard_errors[where] and "corrupt" in shard_errors[where], shard_errors
+        assert str(meta.resolve()) in meta_errors[where] and "truncated" in meta_errors[where], meta_errors
+
+    (meta.parent / "manifest.json").unlink()  # an unpromoted or foreign directory
     with pytest.raises(ckpt.CheckpointError, match="manifest.json is missing"):
-        ckpt.verify_checkpoint(it)
+        ckpt.verify_checkpoint(meta.parent)
 
 
 def test_tenant_names_cannot_escape_the_save_directory(tmp_path):

@@ -97,28 +97,37 @@ class Shape:
 # Timing
 # ------------------------------------------------------------------------------------------------------------
 class Timer:
-    def __init__(self, device, quick: bool):
+    """clock "cpu": this process's CPU time (user + system, page faults included). With one torch thread on a CPU
+    all the work runs on the calling thread (autograd too), so it equals wall time on an idle machine but is
+    hardly moved by other processes competing for the cores. "wall": time.perf_counter (always on GPU)."""
+
+    def __init__(self, device, quick: bool, clock: str):
         self.device = device
         self.quick = quick
+        self.clock_name = clock
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def once(self, fn, inner: int = 1) -> float:
+    def once(self, fn, inner: int = 1, clock=None) -> float:
+        clock = clock or self.clock
         self.sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(inner):
             fn()
         self.sync()
-        return (time.perf_counter() - t0) / inner
+        return (clock() - t0) / inner
 
     def measure(self, variants: dict, budget: float, min_rounds: int = 3, max_rounds: int = 15) -> dict:
         """{name: [seconds per call, one per round]}: one warm-up call of each, then rounds in which every
         variant runs (the order rotates each round); each timed sample lasts >= ~20 ms (inner repeats)."""
         names = list(variants)
-        warm = {n: max(self.once(variants[n]), 1e-6) for n in names}
-        warm = {n: min(warm[n], self.once(variants[n])) for n in names}
+        # warm-up, and the plan (repeats, rounds) from wall time, so a loaded machine gets fewer rounds
+        warm = {n: max(self.once(variants[n], clock=time.perf_counter), 1e-6) for n in names}
+        warm = {n: min(warm[n], self.once(variants[n], clock=time.perf_counter)) if warm[n] < 0.3 else warm[n]
+                for n in names}
         inner = {n: max(1, math.ceil(0.02 / warm[n])) for n in names}
         per_round = sum(warm[n] * inner[n] for n in names)
         if self.quick:
@@ -334,7 +343,7 @@ class Bench:
 
         self.args = args
         self.device = platform.device()
-        self.timer = Timer(self.device, args.quick)
+        self.timer = Timer(self.device, args.quick, args.clock)
         self.worlds: dict = {}
         self.results: dict = {str(c): dict(title=CASE_TITLES[c], rows=[], notes=[]) for c in args.cases}
 
@@ -640,11 +649,23 @@ class Bench:
             for k in range(n):
                 peft_step(k, tokens[k * b:(k + 1) * b], labels[k * b:(k + 1) * b])
 
+        def hf_base():  # the frozen base alone, input embeddings requiring grad so backward runs (as ours)
+            hook = hf.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+            try:
+                with peft.disable_adapter():
+                    logits = peft(input_ids=tokens).logits
+                    torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                      reduction="sum").backward()
+            finally:
+                hook.remove()
+
         t = self.timer.measure({
             "peft_seq": peft_sequential,
             "ours_mixed": w.step_fn(slots_for(n, n * b), tokens, labels),
             "peft_one": lambda: peft_step(0, tokens, labels),
             "ours_one": w.step_fn([0] * (n * b), tokens, labels),
+            "hf_base": hf_base,
+            "ours_base": w.fwd_bwd_fn([-1] * (n * b), tokens, labels),
         }, shape.budget)
         tok = n * b * seq
         tps = {k: tok / med(v) for k, v in t.items()}
@@ -652,6 +673,11 @@ class Bench:
                         ratio(t, "peft_seq", "ours_mixed"), 1.0, lower_is_better=False, tokens_per_s=tps, ms=ms(t)))
         self.add(9, row(shape.name, f"tokens/s ours / PEFT, one adapter, {n * b}x{seq} tok",
                         ratio(t, "peft_one", "ours_one"), 1.0, lower_is_better=False))
+        self.add(9, row(shape.name, "  (context) frozen-base fwd+bwd speed, megatron-core / HF Llama",
+                        ratio(t, "hf_base", "ours_base")))
+        self.add(9, row(shape.name, "  (context) one adapter: ours / megatron-core base; PEFT / HF base",
+                        ratio(t, "ours_one", "ours_base"), note="PEFT / HF base: %.3f" % ratio(t, "peft_one", "hf_base"),
+                        peft_over_hf_base=ratio(t, "peft_one", "hf_base")))
         del peft, hf, opts
 
     def run(self):
@@ -697,7 +723,9 @@ def Bench_device():
 def markdown(results: dict, info: dict) -> str:
     lines = [
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']} with {info['torch_threads']} "
-        f"thread(s), megatron-core {info['megatron_core']}, device {info['device']}.",
+        f"thread(s), megatron-core {info['megatron_core']}, device {info['device']}, clock: "
+        f"{'process CPU time' if info.get('clock') == 'cpu' else 'wall time'}; each ratio is the median of "
+        "per-round ratios of variants run interleaved in one process.",
         "",
         "| case | shape | measure | ratio | goal | met |",
         "| --- | --- | --- | ---: | --- | --- |",
@@ -783,6 +811,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="tiny,large (default: both; --quick: tiny)")
     ap.add_argument("--large-layers", type=int, default=4, help="layers of the large shape (default 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                    help="auto: process CPU time on a CPU with --threads 1 (robust on a shared machine), else wall")
     ap.add_argument("--out", default=None, help="directory for bench.json and bench.png")
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     args = ap.parse_args(argv)
@@ -792,6 +822,10 @@ def main(argv=None) -> int:
         ap.error(f"unknown cases {bad}; known: {ALL_CASES}")
     args.shapes = (args.shapes or ("tiny" if args.quick else "tiny,large")).split(",")
 
+    if args.clock == "auto":
+        args.clock = "cpu" if args.threads == 1 and not torch.cuda.is_available() else "wall"
+    if args.clock == "cpu" and torch.cuda.is_available():
+        ap.error("--clock cpu cannot time CUDA work")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     from megatron_multilora import platform
@@ -804,6 +838,7 @@ def main(argv=None) -> int:
     finally:
         platform.destroy()
     info = machine(args.threads)
+    info["clock"] = args.clock
     info["seconds"] = round(time.perf_counter() - start, 1)
     table = markdown(bench.results, info)
     print()
@@ -815,7 +850,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         doc = dict(machine=info, args=dict(quick=args.quick, cases=args.cases, shapes=args.shapes,
-                                           large_layers=args.large_layers, threads=args.threads),
+                                           large_layers=args.large_layers, threads=args.threads, clock=args.clock),
                    cases=bench.results)
         (out / "bench.json").write_text(json.dumps(doc, indent=1, default=float))
         plot(bench.results, out / "bench.png")

@@ -44,63 +44,114 @@ def _accumulate(param: torch.Tensor, index, value: torch.Tensor) -> None:
     param.grad[index] += value.to(param.grad.dtype)
 
 
+def _spans_all(segments: list[Segment], n_rows: int) -> bool:
+    """One segment over every row: the whole tensor is that slot's, no slicing or scattering needed."""
+    return len(segments) == 1 and segments[0].start == 0 and segments[0].end == n_rows
+
+
+def _rows(t: torch.Tensor, s: Segment) -> torch.Tensor:
+    """The segment's rows of t [L, N, d] as a [L * n, d] matrix (sequence-major, like the packed h): a view
+    when the segment spans all of N, else one copy."""
+    return t[:, s.start:s.end].reshape(-1, t.shape[-1])
+
+
+def _gather_rows(like: torch.Tensor, n_rows: int, width: int, segments: list[Segment], product,
+                 dtype=None) -> torch.Tensor:
+    """[L, n_rows, width] with each segment's rows set to product(segment) ([L * n, width], sequence-major) and
+    the rows of samples no slot targets here set to zero (only those rows are zero-filled)."""
+    seq = like.shape[0]
+    out = like.new_empty(seq, n_rows, width, dtype=dtype)
+    covered = 0
+    for s in sorted(segments, key=lambda s: s.start):
+        if s.start > covered:
+            out[:, covered:s.start].zero_()
+        covered = s.end
+    if covered < n_rows:
+        out[:, covered:].zero_()
+    for s in segments:
+        out[:, s.start:s.end] = product(s).view(seq, s.size, width)
+    return out
+
+
+def _scaled_mm(block: torch.Tensor, weight_b: torch.Tensor, s: Segment) -> torch.Tensor:
+    """s.scale * (h_k B_k^T) for a packed [L, n * r] block: [L * n, out], the scale applied by the matmul (alpha)
+    rather than by another pass over the hidden-sized result."""
+    h2d = block.reshape(-1, s.rank)
+    out = h2d.new_empty(h2d.shape[0], weight_b.shape[1])
+    return out.addmm_(h2d, weight_b[s.slot, :, : s.rank].t(), beta=0, alpha=s.scale)
+
+
 class _Shrink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, segments):
-        ctx.save_for_backward(x, weight_a)
+        seq = x.shape[0]
+        rows = [_rows(x, s) for s in segments]
+        # The segments' rows are kept (a view of x when one segment spans it), not x: backward needs no copy.
+        ctx.save_for_backward(*rows)
         ctx.segments = segments
         ctx.weight = weight_a
-        blocks = [
-            (x[:, s.start:s.end] @ weight_a[s.slot, : s.rank].t()).flatten(1) for s in segments
-        ]
-        return torch.cat(blocks, dim=1)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        blocks = [(xs @ weight_a[s.slot, : s.rank].t()).view(seq, -1) for s, xs in zip(segments, rows)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
     @staticmethod
     def backward(ctx, grad_h):
-        x, weight_a = ctx.saved_tensors
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        offset = 0
-        for s in ctx.segments:
+        rows = ctx.saved_tensors
+        weight_a, segments = ctx.weight, ctx.segments
+        seq, n_rows, width_in = ctx.x_shape
+        blocks, offset = [], 0
+        for s in segments:
             width = s.size * s.rank
-            g = grad_h[:, offset:offset + width].reshape(grad_h.shape[0], s.size, s.rank)
+            blocks.append(grad_h[:, offset:offset + width])
             offset += width
-            xs = x[:, s.start:s.end]
-            a = weight_a[s.slot, : s.rank]
-            if grad_x is not None:
-                grad_x[:, s.start:s.end] = g @ a
-            _accumulate(ctx.weight, (s.slot, slice(0, s.rank)), torch.einsum("lnr,lni->ri", g, xs))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if _spans_all(segments, n_rows):
+                s = segments[0]
+                grad_x = (blocks[0].reshape(-1, s.rank) @ weight_a[s.slot, : s.rank]).view(seq, n_rows, width_in)
+            else:
+                by_start = {s.start: g for s, g in zip(segments, blocks)}
+                grad_x = _gather_rows(
+                    grad_h, n_rows, width_in, segments,
+                    lambda s: by_start[s.start].reshape(-1, s.rank) @ weight_a[s.slot, : s.rank], ctx.x_dtype,
+                )
+        for s, g, xs in zip(segments, blocks, rows):
+            _accumulate(weight_a, (s.slot, slice(0, s.rank)), g.reshape(-1, s.rank).t() @ xs)
         return grad_x, None, None
 
 
 class _Expand(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight_b, segments, n_rows):
-        ctx.save_for_backward(h, weight_b)
+        ctx.save_for_backward(h)
         ctx.segments = segments
         ctx.weight = weight_b
-        out = h.new_zeros(h.shape[0], n_rows, weight_b.shape[1])
-        offset = 0
+        seq, width_out = h.shape[0], weight_b.shape[1]
+        if _spans_all(segments, n_rows):
+            return _scaled_mm(h, weight_b, segments[0]).view(seq, n_rows, width_out)
+        blocks, offset = {}, 0
         for s in segments:
             width = s.size * s.rank
-            hs = h[:, offset:offset + width].reshape(h.shape[0], s.size, s.rank)
+            blocks[s.start] = h[:, offset:offset + width]
             offset += width
-            out[:, s.start:s.end] = (hs @ weight_b[s.slot, :, : s.rank].t()) * s.scale
-        return out
+        return _gather_rows(h, n_rows, width_out, segments, lambda s: _scaled_mm(blocks[s.start], weight_b, s))
 
     @staticmethod
     def backward(ctx, grad_y):
-        h, weight_b = ctx.saved_tensors
+        (h,) = ctx.saved_tensors
+        weight_b = ctx.weight
         blocks = []
         offset = 0
         for s in ctx.segments:
             width = s.size * s.rank
-            hs = h[:, offset:offset + width].reshape(h.shape[0], s.size, s.rank)
+            hs = h[:, offset:offset + width].reshape(-1, s.rank)
             offset += width
-            gy = grad_y[:, s.start:s.end] * s.scale
+            gy = _rows(grad_y, s)
             b = weight_b[s.slot, :, : s.rank]
-            blocks.append((gy @ b).flatten(1))
-            _accumulate(ctx.weight, (s.slot, slice(None), slice(0, s.rank)), torch.einsum("lno,lnr->or", gy, hs))
-        return torch.cat(blocks, dim=1), None, None, None
+            # the slot's scale on the rank-sized products, not on the hidden-sized gradient
+            blocks.append(torch.mm(gy, b).mul_(s.scale).view(h.shape[0], width))
+            _accumulate(weight_b, (s.slot, slice(None), slice(0, s.rank)), torch.mm(gy.t(), hs).mul_(s.scale))
+        return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)), None, None, None
 
 
 def shrink(x: torch.Tensor, weight_a: torch.nn.Parameter, segments: list[Segment]) -> torch.Tensor:
