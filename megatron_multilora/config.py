@@ -656,6 +656,14 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
     """
     data = _merge_overrides(data, overrides)
     _check_keys(RunConfig, data, "")
+    if "model" not in data and data.get("load_base"):
+        # An imported base (convert_checkpoint.py import-hf) or a Megatron-LM checkpoint names its own model.
+        from .checkpointing import load_base_model_config
+
+        try:
+            data = {**data, "model": load_base_model_config(data["load_base"])}
+        except FileNotFoundError as e:
+            raise ConfigError(f"load_base: {e}") from None
     missing = [k for k in _required(RunConfig) if k not in data]
     if missing:
         raise ConfigError(

@@ -496,3 +496,20 @@ def test_help_and_print_config(run_yaml, capsys):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train_iters"] == 9 and load_run_config(printed).train_iters == 9
+
+
+def test_an_imported_base_names_its_own_model(raw, tmp_path):
+    from megatron_multilora.checkpointing import save_model_config
+    from megatron_multilora.config import model_config_from
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "metadata.json").write_text("{}")  # a dist checkpoint's marker; the weights are not read here
+    wanted = model_config_from({"preset": "tiny-dense", "num_layers": 2, "rotary_base": 500000.0})
+    save_model_config(base, wanted)
+    del raw["model"]
+    raw["expert_model_parallel_size"] = 1
+    run = load_run_config({**raw, "load_base": str(base)})
+    assert run.model == wanted
+    with pytest.raises(ConfigError, match="load_base"):
+        load_run_config({**raw, "load_base": str(tmp_path / "nowhere")})

@@ -1,25 +1,34 @@
 #!/usr/bin/env python
-"""Benchmarks of multi-LoRA training: every figure is a RATIO of two (or more) variants timed side by side in
-one process, interleaved round by round (the order rotates every round), and summarised as the median of the
-per-round ratios, so a noisy shared machine moves both sides of a ratio alike.
+"""Benchmarks of multi-LoRA training. Every figure is a RATIO of variants timed side by side in one process:
+the variants run interleaved round by round (the order rotates every round) and each figure is the median of
+the per-round ratios, so a noisy shared machine moves both sides of a ratio alike. On a CPU with --threads 1
+the clock is the process's CPU time (all work runs on the calling thread, autograd included), which other
+processes competing for the cores hardly move; elsewhere it is wall time.
 
-    python tools/bench.py                       # every case, tiny and large shapes (about 5 minutes on 2 cores)
-    python tools/bench.py --quick --cases 1,7   # tiny shapes only, few repeats (the smoke test uses this)
-    python tools/bench.py --out runs/bench      # also writes runs/bench/bench.json and runs/bench/bench.png
+    python tools/bench.py                       # every case, tiny and large shapes (3-4 minutes on 2 cores)
+    python tools/bench.py --quick --cases 1,7   # tiny shapes only, 3 rounds (the smoke test uses this)
+    python tools/bench.py --out docs            # also writes docs/bench.json and docs/bench.png
+    python tools/bench.py --malloc tuned        # glibc keeps freed memory (no page faults per step), see below
 
-Cases (see README "Benchmarks"):
- 1 mixed micro-batch of N tenants vs one tenant, same tokens (layer fwd+bwd, model fwd+bwd)
- 2 full LoRA training step (fwd+bwd+optimizer) vs the frozen-base step (fwd+bwd), goal 1 + 2 x FLOP ratio + 0.05
- 3 mixed ranks vs every tenant padded to max_rank; LoRA time vs sum of tokens x rank
+Cases:
+ 1 mixed micro-batch of N tenants vs one tenant, same tokens (one linear fwd+bwd, whole model fwd+bwd)
+ 2 full LoRA training step (fwd+bwd+optimizer) vs the frozen-base step (fwd+bwd with the embedding output
+   requiring grad); goal 1 + 2 x FLOP ratio + 0.05, the FLOP ratio 1.5 r (1/d_in + 1/d_out) averaged over the
+   target linears weighted by their base FLOPs
+ 3 mixed ranks vs every tenant padded to max_rank; LoRA time (minus the base) vs the sum of tokens x rank
  4 mixed training step vs the same tenants trained one after another on the same model
  5 resident idle slots: max_slots 64 vs 4 with the same 4 active tenants (full training step)
- 6 memory: parameters + gradients + optimizer state; the base is never copied
+ 6 memory: parameters + gradients + optimizer state; the base is never copied (bookkeeping, not timing)
  7 SlotOptimizer.step vs torch.optim.AdamW(foreach=True) over the same parameters
- 8 expert LoRA vs dense LoRA over the same routed tokens x rank (LoRA time over the base time of each)
- 9 Hugging Face transformers + peft (same architecture, same tokens): N adapters one after another vs our mixed
-   step, and one adapter vs one adapter
+ 8 expert LoRA vs dense LoRA over the same routed tokens x rank: the time expert LoRA adds to a MoE layer over
+   the time dense LoRA adds to a dense MLP of one expert's shape fed as many tokens as were routed
+ 9 Hugging Face transformers + peft training the same architecture (LlamaForCausalLM, random init, SDPA) on the
+   same tokens: N adapters one after another (set_adapter, own AdamW, clipping) vs our mixed step, and one
+   adapter vs one adapter
 
-The device is megatron_multilora.platform.device() (CUDA when present); timings synchronise the device.
+Shapes: "tiny" (the tiny-dense / tiny-moe presets) and "large" (d=1024, 4 layers by default, GQA 16/4, SwiGLU
+2816, vocab 4096; MoE: 1 layer of 8 experts top-2, expert FFN 1024). The device is
+megatron_multilora.platform.device() (CUDA when present); timings synchronise the device.
 """
 
 from __future__ import annotations
@@ -42,6 +51,10 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 ALL_CASES = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+# glibc malloc returns large freed blocks to the OS (mmap/munmap), so every large CPU tensor allocated in a
+# step is page-faulted in again; these settings keep such memory in the heap for reuse (--malloc tuned).
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(8 << 30),
+                "MALLOC_TOP_PAD_": str(512 << 20)}
 CASE_TITLES = {
     1: "mixed N tenants vs 1 tenant, same tokens",
     2: "LoRA training step vs frozen-base step",
@@ -88,7 +101,7 @@ class Shape:
             self.seq_configs = ((8, 1), (32, 1))
             self.moe_samples, self.moe_seq = 8, 64
             self.peer = dict(tenants=8, samples=2, seq=32)
-            self.budget = 6.0
+            self.budget = 9.0
         else:
             raise SystemExit(f"unknown shape {name!r}: tiny or large")
 
@@ -121,8 +134,8 @@ class Timer:
         return (clock() - t0) / inner
 
     def measure(self, variants: dict, budget: float, min_rounds: int = 3, max_rounds: int = 15) -> dict:
-        """{name: [seconds per call, one per round]}: one warm-up call of each, then rounds in which every
-        variant runs (the order rotates each round); each timed sample lasts >= ~20 ms (inner repeats)."""
+        """{name: [seconds per call, one per round]}: warm-up calls of each, then rounds in which every variant
+        runs once (the order rotates each round); each timed sample lasts >= ~20 ms (inner repeats)."""
         names = list(variants)
         # warm-up, and the plan (repeats, rounds) from wall time, so a loaded machine gets fewer rounds
         warm = {n: max(self.once(variants[n], clock=time.perf_counter), 1e-6) for n in names}
@@ -408,7 +421,7 @@ class Bench:
         t = self.timer.measure(variants, shape.budget)
         mean, weighted = w.flop_ratio(RANK)
         goal = 1 + 2 * weighted + 0.05
-        self.add(2, row(shape.name, f"step (fwd+bwd+opt, {n} tenants r={RANK}) / base fwd+bwd",
+        self.add(2, row(shape.name, f"step (fwd+bwd+opt, {n} tenants r={RANK}) / base fwd+bwd; FLOP ratio {weighted:.3f}",
                         ratio(t, "lora_step", "base"), goal, flop_ratio=weighted, flop_ratio_mean=mean, ms=ms(t)))
         self.add(2, row(shape.name, "LoRA fwd+bwd (no optimizer) / base fwd+bwd", ratio(t, "lora_fwd_bwd", "base"),
                         goal, flop_ratio=weighted))
@@ -593,12 +606,13 @@ class Bench:
             "dense_base": layer_fn(dense, dense_mlp, h_dense, [-1] * samples),
             "dense_lora": layer_fn(dense, dense_mlp, h_dense, slots),
         }, shape.budget)
+        per_round = [(ml - mb) / max(dl - db, 1e-9)
+                     for ml, mb, dl, db in zip(t["moe_lora"], t["moe_base"], t["dense_lora"], t["dense_base"])]
         m = {n: med(v) for n, v in t.items()}
-        moe_extra, dense_extra = m["moe_lora"] - m["moe_base"], m["dense_lora"] - m["dense_base"]
         routed = seq * samples * k
         self.add(8, row(shape.name, f"LoRA time: expert ({mc.num_experts}E top{k}) / dense, {routed} routed tok x r{RANK}",
-                        moe_extra / max(dense_extra, 1e-9), 1.3, ms=ms(t), moe_lora_ms=moe_extra * 1e3,
-                        dense_lora_ms=dense_extra * 1e3))
+                        med(per_round), 1.3, ms=ms(t), moe_lora_ms=(m["moe_lora"] - m["moe_base"]) * 1e3,
+                        dense_lora_ms=(m["dense_lora"] - m["dense_base"]) * 1e3))
         self.add(8, row(shape.name, "  MoE layer with expert LoRA / MoE layer base", ratio(t, "moe_lora", "moe_base")))
         self.add(8, row(shape.name, "  dense MLP with LoRA / dense MLP base", ratio(t, "dense_lora", "dense_base")))
 
@@ -725,7 +739,7 @@ def markdown(results: dict, info: dict) -> str:
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']} with {info['torch_threads']} "
         f"thread(s), megatron-core {info['megatron_core']}, device {info['device']}, clock: "
         f"{'process CPU time' if info.get('clock') == 'cpu' else 'wall time'}; each ratio is the median of "
-        "per-round ratios of variants run interleaved in one process.",
+        "per-round ratios of variants run interleaved in one process; malloc: " + info.get("malloc", "default") + ".",
         "",
         "| case | shape | measure | ratio | goal | met |",
         "| --- | --- | --- | ---: | --- | --- |",
@@ -737,7 +751,8 @@ def markdown(results: dict, info: dict) -> str:
             value = r["ratio"]
             lines.append(f"| {c} {res['title'] if r is res['rows'][0] else ''} | {r['shape']} | "
                          f"{r['measure'].strip()} | {value:.3f} | {goal} | {met} |")
-    return "\n".join(lines)
+    notes = [f"- case {c}: {n}" for c, res in results.items() for n in res["notes"]]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -746,7 +761,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
     ax = axes[0][0]
     rows = results.get("1", {}).get("rows", [])
     for shape in sorted({r["shape"] for r in rows}):
@@ -774,8 +789,6 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("3: LoRA time (minus base) vs sum of tokens x rank (red: mixed ranks)")
     ax.set_xlabel("tokens x rank")
     ax.set_ylabel("ms")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     if rows:
         ax.legend(fontsize=8)
 
@@ -789,16 +802,16 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("4: speed-up of mixed over one-after-another (tenants x samples)")
 
     ax = axes[1][1]
-    summary = [(f"{c}:{r['shape'][0]}:{i}", r) for c, res in results.items() for i, r in enumerate(res["rows"])
-               if r["goal"] is not None and c not in ("1",)]
+    summary = [(f"{c} {r['shape']}: {r['measure'].strip()[:38]}", r) for c, res in results.items()
+               for r in res["rows"] if r["goal"] is not None and c != "1"]
     if summary:
         vals = [r["ratio"] / r["goal"] if r["goal_kind"] == "<=" else r["goal"] / r["ratio"] for _, r in summary]
         colors = ["tab:green" if r["met"] else "tab:red" for _, r in summary]
         ax.barh(range(len(summary)), vals, color=colors)
         ax.axvline(1.0, color="k", ls=":")
-        ax.set_yticks(range(len(summary)), [s for s, _ in summary], fontsize=7)
+        ax.set_yticks(range(len(summary)), [s for s, _ in summary], fontsize=6)
         ax.invert_yaxis()
-    ax.set_title("cases 2-9: measured / goal (< 1 meets it; case:shape:row)")
+    ax.set_title("cases 2-9: measured / goal (< 1 meets it)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -815,7 +828,15 @@ def main(argv=None) -> int:
                     help="auto: process CPU time on a CPU with --threads 1 (robust on a shared machine), else wall")
     ap.add_argument("--out", default=None, help="directory for bench.json and bench.png")
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                    help="tuned: re-run under glibc settings that keep freed memory for reuse (%s), so large CPU "
+                         "tensors are not page-faulted in afresh every step" % " ".join(f"{k}={v}" for k, v in
+                                                                                        TUNED_MALLOC.items()))
     args = ap.parse_args(argv)
+    if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:],
+                  {**os.environ, **TUNED_MALLOC})
     args.cases = sorted({int(c) for c in args.cases.split(",") if c.strip()})
     bad = [c for c in args.cases if c not in ALL_CASES]
     if bad:
@@ -839,18 +860,22 @@ def main(argv=None) -> int:
         platform.destroy()
     info = machine(args.threads)
     info["clock"] = args.clock
+    info["malloc"] = "tuned: " + " ".join(f"{k}={os.environ.get(k)}" for k in TUNED_MALLOC) \
+        if args.malloc == "tuned" else "default"
     info["seconds"] = round(time.perf_counter() - start, 1)
     table = markdown(bench.results, info)
     print()
     print(table)
     print(f"\n{info['seconds']} s")
     if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(table + "\n")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         doc = dict(machine=info, args=dict(quick=args.quick, cases=args.cases, shapes=args.shapes,
-                                           large_layers=args.large_layers, threads=args.threads, clock=args.clock),
+                                           large_layers=args.large_layers, threads=args.threads, clock=args.clock,
+                                           malloc=args.malloc),
                    cases=bench.results)
         (out / "bench.json").write_text(json.dumps(doc, indent=1, default=float))
         plot(bench.results, out / "bench.png")

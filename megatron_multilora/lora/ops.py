@@ -38,10 +38,15 @@ class Segment:
         return self.end - self.start
 
 
-def _accumulate(param: torch.Tensor, index, value: torch.Tensor) -> None:
+def _accumulate_mm(param: torch.Tensor, index, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """param.grad[index] += alpha * (a @ b), in place (one matmul into the slot's rows, no temporary)."""
     if param.grad is None:
         param.grad = torch.zeros_like(param)
-    param.grad[index] += value.to(param.grad.dtype)
+    target = param.grad[index]
+    if target.dtype == a.dtype == b.dtype:
+        target.addmm_(a, b, alpha=alpha)
+    else:
+        target.add_(torch.mm(a, b).mul_(alpha).to(target.dtype))
 
 
 def _spans_all(segments: list[Segment], n_rows: int) -> bool:
@@ -116,7 +121,7 @@ class _Shrink(torch.autograd.Function):
                     lambda s: by_start[s.start].reshape(-1, s.rank) @ weight_a[s.slot, : s.rank], ctx.x_dtype,
                 )
         for s, g, xs in zip(segments, blocks, rows):
-            _accumulate(weight_a, (s.slot, slice(0, s.rank)), g.reshape(-1, s.rank).t() @ xs)
+            _accumulate_mm(weight_a, (s.slot, slice(0, s.rank)), g.reshape(-1, s.rank).t(), xs)
         return grad_x, None, None
 
 
@@ -150,7 +155,7 @@ class _Expand(torch.autograd.Function):
             b = weight_b[s.slot, :, : s.rank]
             # the slot's scale on the rank-sized products, not on the hidden-sized gradient
             blocks.append(torch.mm(gy, b).mul_(s.scale).view(h.shape[0], width))
-            _accumulate(weight_b, (s.slot, slice(None), slice(0, s.rank)), torch.mm(gy.t(), hs).mul_(s.scale))
+            _accumulate_mm(weight_b, (s.slot, slice(None), slice(0, s.rank)), gy.t(), hs, s.scale)
         return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)), None, None, None
 
 
