@@ -5,7 +5,7 @@ the per-round ratios, so a noisy shared machine moves both sides of a ratio alik
 the clock is the process's CPU time (all work runs on the calling thread, autograd included), which other
 processes competing for the cores hardly move; elsewhere it is wall time.
 
-    python tools/bench.py                       # every case, tiny and large shapes (3-4 minutes on 2 cores)
+    python tools/bench.py                       # every case, tiny and large shapes (4-5 minutes on 2 cores)
     python tools/bench.py --quick --cases 1,7   # tiny shapes only, 3 rounds (the smoke test uses this)
     python tools/bench.py --out docs            # also writes docs/bench.json and docs/bench.png
     python tools/bench.py --malloc tuned        # glibc keeps freed memory (no page faults per step), see below
@@ -133,7 +133,7 @@ class Timer:
         self.sync()
         return (clock() - t0) / inner
 
-    def measure(self, variants: dict, budget: float, min_rounds: int = 3, max_rounds: int = 15) -> dict:
+    def measure(self, variants: dict, budget: float, min_rounds: int = 5, max_rounds: int = 15) -> dict:
         """{name: [seconds per call, one per round]}: warm-up calls of each, then rounds in which every variant
         runs once (the order rotates each round); each timed sample lasts >= ~20 ms (inner repeats)."""
         names = list(variants)
@@ -144,7 +144,7 @@ class Timer:
         inner = {n: max(1, math.ceil(0.02 / warm[n])) for n in names}
         per_round = sum(warm[n] * inner[n] for n in names)
         if self.quick:
-            rounds = min_rounds
+            rounds = 3
         else:
             rounds = int(max(min_rounds, min(max_rounds, budget / per_round)))
         times = {n: [] for n in names}
@@ -819,7 +819,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes only, 3 rounds, fewer variants")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes only, 3 rounds (else 5-15), fewer variants")
     ap.add_argument("--cases", default=",".join(map(str, ALL_CASES)), help="comma-separated case numbers")
     ap.add_argument("--shapes", default=None, help="tiny,large (default: both; --quick: tiny)")
     ap.add_argument("--large-layers", type=int, default=4, help="layers of the large shape (default 4)")
