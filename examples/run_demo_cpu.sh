@@ -8,7 +8,7 @@ bash tools/setup.sh
 OUT=${OUT:-runs/demo}
 rm -rf "$OUT"
 
-DISTRIBUTED_ARGS=(--nproc-per-node 2 --nnodes 1 --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29517}")
+DISTRIBUTED_ARGS=(--standalone --nproc-per-node 2)  # standalone: a free local port, picked at run time
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size 2)
 TRAINING_ARGS=(--config configs/demo.yaml --micro-batch-size 4 --seq-length 64 --train-iters "${TRAIN_ITERS:-150}")
 EVAL_AND_LOGGING_ARGS=(--eval-interval 50 --eval-iters 2 --log-interval 10

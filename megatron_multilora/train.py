@@ -6,7 +6,9 @@ or model is created.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 import warnings
 
 from .arguments import parse_run_config
@@ -30,17 +32,23 @@ def main(argv=None) -> int:
     from . import platform
     from .training import MultiLoRATrainer
 
-    trainer = MultiLoRATrainer(run)
     try:
+        trainer = MultiLoRATrainer(run)
         trainer.train()
         trainer.metrics.note(
             "done. TensorBoard logs: {} | metrics: {} | checkpoints: {}".format(
                 run.tensorboard_dir or "(off)", run.metrics_file or "(off)", run.save or "(off)"
             )
         )
-    finally:
         trainer.close()
-        platform.destroy()
+    except BaseException:
+        # A failed rank leaves at once: tearing down process groups (or megatron's checkpoint writer) would
+        # wait for peers that are themselves waiting for this rank; torchrun then stops the others.
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+    platform.destroy()
     return 0
 
 
