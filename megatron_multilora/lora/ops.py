@@ -13,6 +13,12 @@ to its rank; a per-token gather of A/B is ~10x slower (REFERENCE.md section 1).
 Weight gradients are accumulated straight into `param.grad` (as megatron does for main_grad with gradient
 accumulation fusion): only the touched slot rows are written, so an idle slot costs nothing in backward and
 keeps an exactly zero gradient.
+
+Cost (tools/bench.py, profiled): the LoRA matmuls are skinny and memory-bound, so every extra pass over a
+hidden-sized tensor shows. A slot's scale multiplies the rank-sized products (matmul alpha), never the
+hidden-sized output or gradient; a segment spanning the whole micro-batch is sliced and copied nowhere; rows no
+slot targets are the only ones zero-filled; shrink keeps the segments' rows of x (a view when one segment spans
+it), so backward copies nothing; outputs and gradients are contiguous (collectives downstream need that).
 """
 
 from __future__ import annotations
