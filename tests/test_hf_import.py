@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.distributed import run_world
+from tests.hf_models import randomize, rel
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -42,21 +43,8 @@ def _hf_models():
 MOE = ("mixtral", "qwen2moe", "qwen3moe")
 
 
-def _randomize(model):
-    """Every weight random (HF zero-inits biases and sets norms to 1, which would hide mapping mistakes)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("gate.weight") and "shared_expert" not in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))  # decisive routing: no near-ties
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -157,7 +145,7 @@ def results(tmp_path_factory):
     hf_dirs, base_dirs, reference, hf_models = {}, {}, {}, {}
     for name, config in _hf_models().items():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-        _randomize(model)
+        randomize(model)
         hf_dirs[name], base_dirs[name] = str(root / f"hf_{name}"), str(root / f"base_{name}")
         # llama: sharded (model.safetensors.index.json + several files)
         model.save_pretrained(hf_dirs[name], max_shard_size="40KB" if name == "llama" else "50GB")
@@ -183,7 +171,7 @@ def results(tmp_path_factory):
 def test_logits_match_transformers_tp1(results, name):
     got, ref = results["tp1"][name], results["reference"][name]
     assert got.shape == ref.shape
-    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+    assert rel(got, ref) <= 1e-5, rel(got, ref)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral", "qwen2moe", "qwen3moe"])
@@ -191,7 +179,7 @@ def test_logits_match_transformers_tp2_or_ep2(results, name):
     ref = results["reference"][name]
     for rank_logits in results["parallel"]:
         assert rank_logits[name].shape == ref.shape
-        assert _rel(rank_logits[name], ref) <= 1e-5, _rel(rank_logits[name], ref)
+        assert rel(rank_logits[name], ref) <= 1e-5, rel(rank_logits[name], ref)
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral"])
@@ -199,9 +187,9 @@ def test_megatron_lm_save_dir_loads(results, name):
     """`--load-base <save>` with latest_checkpointed_iteration.txt, the model config from the stored Megatron-LM
     args, and (MoE) the pre-MLP norm under transformer-engine's key: TP=1 and TP=2 / EP=2."""
     ref = results["reference"][name]
-    assert _rel(results["tp1"]["megatron_lm_" + name], ref) <= 1e-5
+    assert rel(results["tp1"]["megatron_lm_" + name], ref) <= 1e-5
     for rank_logits in results["parallel"]:
-        assert _rel(rank_logits["megatron_lm_" + name], ref) <= 1e-5
+        assert rel(rank_logits["megatron_lm_" + name], ref) <= 1e-5
 
 
 def test_model_yaml_written(results):

@@ -1,6 +1,5 @@
 """Tests of megatron_multilora.optim: per-slot AdamW, schedules, clipping, isolation, checkpoints."""
 
-import copy
 import math
 
 import pytest

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.distributed import run_world
+from tests.hf_models import randomize, rel
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 320  # >= the byte tokenizer's 258, so the trainer can run the imported base
@@ -48,20 +49,8 @@ def _hf_configs():
     }
 
 
-def _randomize(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("gate.weight") and "shared_expert" not in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))  # decisive routing: no near-ties
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -243,7 +232,7 @@ def results(tmp_path_factory):
     hf_dirs, models = {}, {}
     for name, config in _hf_configs().items():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-        _randomize(model)
+        randomize(model)
         hf_dirs[name] = str(root / f"hf_{name}")
         model.save_pretrained(hf_dirs[name])
         models[name] = model
@@ -270,8 +259,8 @@ def test_exported_adapter_gives_our_logits_in_peft(results, name, tenant):
     theirs = _peft_logits(results["models"][name], results["out"]["files"][(name, tenant)])
     with torch.no_grad():
         base = results["models"][name](TOKENS).logits
-    assert _rel(ours, base) > 1e-2  # the adapter matters
-    assert _rel(ours, theirs) <= 1e-5, _rel(ours, theirs)
+    assert rel(ours, base) > 1e-2  # the adapter matters
+    assert rel(ours, theirs) <= 1e-5, rel(ours, theirs)
 
 
 def test_export_layout(results):
@@ -313,7 +302,7 @@ def test_separate_qkv_adapters_fuse_with_the_same_logits(results):
     assert rank == FOREIGN_RANK and targets == ("linear_fc1", "linear_proj", "linear_qkv")
     assert alpha == 8 / 4 * FOREIGN_RANK  # the adapter's default scale, at the grown rank
     ours, theirs = out["logits"][("llama", "foreign")], results["reference"][("llama", "foreign")]
-    assert _rel(ours, theirs) <= 1e-5, _rel(ours, theirs)
+    assert rel(ours, theirs) <= 1e-5, rel(ours, theirs)
     # o_proj (rank 4 of 10, its own alpha) is zero-padded with its scale folded into B
     a, b = out["foreign_tensors"]["decoder.layers.0.self_attention.linear_proj"]
     assert a[4:].abs().max() == 0 and b[:, 4:].abs().max() == 0 and a[:4].abs().min() > 0
