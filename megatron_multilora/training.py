@@ -134,11 +134,11 @@ class MultiLoRATrainer:
             data_parallel_size=ps.get_data_parallel_world_size(), data_parallel_rank=ps.get_data_parallel_rank(),
             max_samples_per_iteration=run.max_samples_per_iteration,
         )
-        self.is_last_stage = ps.is_pipeline_last_stage()
         self.tenants: dict[str, Tenant] = {}
         self.queue: list[TenantConfig] = []
         self.finished: list[str] = []
         self.iteration = 0
+        self._slots_with_grads: set[int] | None = None  # None: every gradient row may be stale
         self.metrics = MetricsWriter(
             run.tensorboard_dir, run.metrics_file,
             enabled=dist.get_rank() == dist.get_world_size() - 1, train_iters=run.train_iters,
@@ -260,7 +260,9 @@ class MultiLoRATrainer:
         start = time.perf_counter()
         slot_of = {name: t.slot for name, t in self.tenants.items()}
         plan = self.source.next_iteration(slot_of)
-        grad_lib.zero_grads(self.params)
+        # Only the slots routed in the previous step can hold a nonzero gradient (every rank plans alike).
+        grad_lib.zero_grads(self.params, self._slots_with_grads)
+        self._slots_with_grads = set(slot_of[name] for name in plan.tenants)
         loss_sum, tokens = self._run_micro_batches(plan.micro_batches, forward_only=False)
         grad_lib.sync_grads(self.params)
         active = torch.zeros(self.run.lora.max_slots, dtype=torch.bool)

@@ -256,15 +256,12 @@ class World:
         active = count > 0
         scale = torch.where(active, 1.0 / count.clamp_min(1.0), torch.zeros_like(count)).float()
 
+        # As the trainer does: only the rows of the slots that stepped last time (the same slots here) are
+        # zeroed; zero_rows overrides them.
+        rows = [s for s in range(self.max_slots) if active[s]] if zero_rows is None else list(zero_rows)
+
         def fn():
-            if zero_rows is None:
-                grad_lib.zero_grads(self.params)
-            else:
-                for p in self.params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    for s in zero_rows:
-                        p.grad[s].zero_()
+            grad_lib.zero_grads(self.params, rows)
             self.forward_backward(tokens, labels, routing)
             grad_lib.sync_grads(self.params)
             self.opt.step(scale, active)

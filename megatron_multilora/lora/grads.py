@@ -13,13 +13,18 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def zero_grads(params) -> None:
-    """Allocate (once) and zero the gradient buffers; the LoRA ops accumulate into them."""
+def zero_grads(params, slots=None) -> None:
+    """Allocate (once) and zero the gradient buffers the LoRA ops accumulate into. `slots`: only those rows
+    (the slots that had samples in the last step -- the only rows that can be nonzero), so idle resident
+    slots cost nothing here."""
+    index = None if slots is None else torch.as_tensor(sorted(slots), dtype=torch.long)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        else:
+        elif index is None:
             p.grad.zero_()
+        elif len(index):
+            p.grad.index_fill_(0, index.to(p.grad.device), 0.0)
 
 
 def _all_reduce_coalesced(tensors, group) -> None:
