@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
 import time
 import traceback
+
+import torch
 
 from megatron_multilora.platform import free_port
 
@@ -22,12 +25,14 @@ def _worker(fn, rank, world_size, port, args, results, timeout):
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
-    import torch
-
     torch.set_num_threads(1)
     try:
         out = fn(*args)
-        results.put((rank, True, out))
+        # As bytes: a tensor put on the queue as-is is shared through a file descriptor that this process
+        # serves, and it may have exited by the time the parent reads it.
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - the parent reports it
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -61,7 +66,7 @@ def run_world(fn, world_size: int, *args, timeout: float = 600.0):
                 continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{out}")
-            outs[rank] = out
+            outs[rank] = torch.load(io.BytesIO(out), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=30)
