@@ -21,6 +21,7 @@ from megatron_multilora.config import (
     DISTRIBUTED_BACKENDS,
     LORA_INITS,
     LR_DECAY_STYLES,
+    MOE_TOKEN_DISPATCHERS,
     TARGET_MODULES,
     ConfigError,
     LoRAPoolConfig,
@@ -167,6 +168,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
                    help="sequence parallelism (needs TP > 1; required for MoE with TP > 1)"
                         + _d(R, "sequence_parallel"))
+    g.add_argument("--moe-token-dispatcher-type", choices=MOE_TOKEN_DISPATCHERS,
+                   help="how MoE tokens reach their experts' ranks" + _d(R, "moe_token_dispatcher_type"))
 
     g = parser.add_argument_group("training")
     g.add_argument("--train-iters", type=int, metavar="N", help="iterations of the run (required)")

@@ -277,6 +277,9 @@ TENANT_DEFAULT_FIELDS = tuple(
 )
 
 
+MOE_TOKEN_DISPATCHERS = ("allgather", "alltoall")
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs. Field names are Megatron-LM's argument names (``--seq-length`` -> seq_length)."""
@@ -291,6 +294,7 @@ class RunConfig:
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    moe_token_dispatcher_type: str = "allgather"  # or "alltoall"; expert LoRA follows tokens through both
     # training
     micro_batch_size: int = 1
     seq_length: int | None = None  # None -> model.max_position_embeddings
@@ -871,6 +875,10 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
                 f"data-parallel size {world_size // (tp * pp)} (world size {world_size} / (TP {tp} x PP {pp})) "
                 f"is not divisible by expert_model_parallel_size {ep}"
             )
+
+    if run.moe_token_dispatcher_type not in MOE_TOKEN_DISPATCHERS:
+        problems.append(f"moe_token_dispatcher_type must be one of {list(MOE_TOKEN_DISPATCHERS)}, "
+                        f"got {run.moe_token_dispatcher_type!r}")
 
     # training
     if run.micro_batch_size < 1:

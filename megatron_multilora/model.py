@@ -17,6 +17,7 @@ def transformer_config(
     expert_model_parallel_size: int = 1,
     sequence_parallel: bool = False,
     recompute: bool = False,
+    moe_token_dispatcher_type: str = "allgather",
     **overrides,
 ):
     """The megatron TransformerConfig of a Llama-family model at the given layout (dropout off: LoRA
@@ -75,9 +76,8 @@ def transformer_config(
             moe_router_pre_softmax=model.moe_router_pre_softmax,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
-            # allgather works with gloo on CPU, and expert LoRA carries slot ids through it (lora/experts.py);
-            # carrying them through the alltoall dispatcher is not written yet.
-            moe_token_dispatcher_type="allgather",
+            # Both dispatchers work with gloo on CPU; expert LoRA carries slot ids through either (lora/experts.py).
+            moe_token_dispatcher_type=moe_token_dispatcher_type,
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
         )

@@ -143,8 +143,36 @@ class _CpuCuda:
     def synchronize(*_args, **_kwargs):
         return None
 
+    @staticmethod
+    def Stream(*_args, **_kwargs):  # noqa: N802 - torch's name
+        return _CPU_STREAM
+
+    @staticmethod
+    def current_stream(*_args, **_kwargs):
+        return _CPU_STREAM
+
+    @staticmethod
+    def stream(_stream):
+        return contextlib.nullcontext()
+
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
+
+
+class _CpuStream:
+    """The one CPU "stream" (and its events): CPU work is synchronous, so waiting and recording are no-ops."""
+
+    def wait_stream(self, _other):
+        return None
+
+    def record_event(self, *_args):
+        return self
+
+    def synchronize(self):
+        return None
+
+
+_CPU_STREAM = _CpuStream()
 
 
 def _on_cpu(device):
@@ -153,14 +181,49 @@ def _on_cpu(device):
     return torch.device("cpu") if torch.device(device).type == "cuda" else device
 
 
+class _GlooDistributed(types.ModuleType):
+    """`torch.distributed` for megatron's variable-size sequence-parallel all-gather and reduce-scatter (the
+    alltoall dispatcher at TP > 1): gloo needs equal sizes, so every piece is padded to the largest."""
+
+    def __init__(self):
+        super().__init__("torch.distributed")
+
+    def __getattr__(self, name):
+        return getattr(dist, name)
+
+    @staticmethod
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        assert not async_op, "megatron's variable-size gather is synchronous"
+        longest = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = tensor.new_empty((len(tensor_list) * longest, *tensor.shape[1:]))
+        dist.all_gather_into_tensor(gathered, padded, group=group)
+        for i, out in enumerate(tensor_list):
+            out.copy_(gathered[i * longest : i * longest + out.shape[0]])
+
+    @staticmethod
+    def reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        assert not async_op, "megatron's variable-size reduce-scatter is synchronous"
+        longest = max(t.shape[0] for t in input_list)
+        padded = output.new_zeros((len(input_list) * longest, *output.shape[1:]))
+        for i, piece in enumerate(input_list):
+            padded[i * longest : i * longest + piece.shape[0]] = piece
+        reduced = output.new_empty((longest, *output.shape[1:]))
+        dist.reduce_scatter_tensor(reduced, padded, op=op, group=group)
+        output.copy_(reduced[: output.shape[0]])
+
+
 class _CpuTorch(types.ModuleType):
     """The `torch` module as a CUDA-assuming megatron module should see it: `device="cuda"` is the CPU."""
 
     _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "empty_like", "zeros_like")
 
-    def __init__(self):
+    def __init__(self, distributed=None):
         super().__init__("torch")
         self.cuda = _CpuCuda()
+        if distributed is not None:
+            self.distributed = distributed
 
     def __getattr__(self, name):
         attr = getattr(torch, name)
@@ -204,8 +267,8 @@ def _replace_attr(module_name: str, attr: str, value) -> Callable[[], Callable[[
 _MISSING = object()
 
 
-def _cpu_torch_for(module_name: str, why: str) -> CpuPatch:
-    return CpuPatch(module_name, why, _replace_attr(module_name, "torch", _CpuTorch()))
+def _cpu_torch_for(module_name: str, why: str, distributed=None) -> CpuPatch:
+    return CpuPatch(module_name, why, _replace_attr(module_name, "torch", _CpuTorch(distributed)))
 
 
 def _cpu_rng_tracker_class():
@@ -261,6 +324,30 @@ def _patch_rng_tracker():
     return undo
 
 
+def _splits_to_host(tensor, as_numpy=False, record_stream=False):
+    """megatron's maybe_move_tensor_to_cpu turns only CUDA tensors into host numpy split sizes; CPU tensors
+    stay tensors, which all_to_all_single refuses as split sizes."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_token_dispatcher():
+    from megatron.core.transformer.moe import token_dispatcher
+
+    undos = [
+        _replace_attr(token_dispatcher.__name__, "torch", _CpuTorch())(),
+        _replace_attr(token_dispatcher.__name__, "maybe_move_tensor_to_cpu", _splits_to_host)(),
+    ]
+
+    def undo():
+        for u in reversed(undos):
+            u()
+        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None  # it may hold the CPU stream
+
+    return undo
+
+
 CPU_PATCHES: list[CpuPatch] = [
     CpuPatch(
         "megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
@@ -269,7 +356,9 @@ CPU_PATCHES: list[CpuPatch] = [
     ),
     _cpu_torch_for(
         "megatron.core.tensor_parallel.mappings",
-        "all-gather / reduce-scatter buffers are allocated on torch.cuda.current_device()",
+        "all-gather / reduce-scatter buffers are allocated on torch.cuda.current_device(); their variable-size "
+        "forms (alltoall dispatcher, TP > 1) use all_gather / reduce_scatter lists, which gloo needs equal",
+        distributed=_GlooDistributed(),
     ),
     _cpu_torch_for(
         "megatron.core.tensor_parallel.layers",
@@ -286,6 +375,12 @@ CPU_PATCHES: list[CpuPatch] = [
     _cpu_torch_for(
         "megatron.core.transformer.moe.router",
         "the router gating moves its weight to torch.cuda.current_device()",
+    ),
+    CpuPatch(
+        "megatron.core.transformer.moe.token_dispatcher",
+        "the alltoall dispatcher copies its split sizes to the host on a torch.cuda.Stream, and leaves CPU "
+        "split sizes as tensors, which all_to_all_single refuses",
+        _patch_token_dispatcher,
     ),
     CpuPatch(
         "megatron.core.transformer.moe.moe_utils.te_general_gemm",

@@ -113,6 +113,7 @@ class MultiLoRATrainer:
             expert_model_parallel_size=run.expert_model_parallel_size,
             sequence_parallel=run.sequence_parallel,
             recompute=run.recompute_activations,
+            moe_token_dispatcher_type=run.moe_token_dispatcher_type,
         )
         self.model = model_lib.build_gpt_model(run.model, config)
         if run.load_base:

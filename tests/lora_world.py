@@ -39,6 +39,7 @@ def build(preset: str, layout: dict, base_dir: str | None, targets, seed: int = 
     cfg = M.transformer_config(
         mc, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         sequence_parallel=sp, recompute=recompute,
+        moe_token_dispatcher_type=layout.get("dispatcher", "allgather"),
     )
     gpt = M.build_gpt_model(mc, cfg)
     if base_dir is not None:

@@ -188,6 +188,7 @@ def test_unsafe_and_bad_tenant_names_are_refused(raw):
     ("save_interval", 0, r"save_interval must be >= 1"),
     ("keep_last_checkpoints", 0, r"keep_last_checkpoints must be >= 1"),
     ("distributed_backend", "mpi", r"distributed_backend must be one of \['gloo', 'nccl'\]"),
+    ("moe_token_dispatcher_type", "flex", r"moe_token_dispatcher_type must be one of \['allgather', 'alltoall'\]"),
     ("distributed_timeout_minutes", 0, r"distributed_timeout_minutes must be >= 1"),
     ("lora.max_slots", 0, r"lora\.max_slots must be >= 1"),
     ("lora.max_rank", 0, r"lora\.max_rank must be >= 1"),
@@ -421,7 +422,8 @@ def test_flags_override_yaml(run_yaml):
     run = parse_run_config(["--config", str(run_yaml), "--train-iters", "7", "--micro-batch-size", "2",
                             "--expert-model-parallel-size", "1", "--seq-length", "32", "--max-slots", "3",
                             "--no-queue", "--eval-interval", "none", "--distributed-backend", "auto",
-                            "--log-interval", "1"], world_size=1)
+                            "--log-interval", "1", "--moe-token-dispatcher-type", "alltoall"], world_size=1)
+    assert run.moe_token_dispatcher_type == "alltoall"
     assert (run.train_iters, run.micro_batch_size, run.expert_model_parallel_size, run.seq_length) == (7, 2, 1, 32)
     assert (run.lora.max_slots, run.lora.max_rank, run.lora.queue) == (3, 16, False)
     assert run.eval_interval is None and run.log_interval == 1 and run.distributed_backend is None

@@ -18,12 +18,14 @@ N_SAMPLES, MBS = 8, 2
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "expert_fc1", "expert_fc2")
 
 
-def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False):
+def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False, starve=()):
     from megatron_multilora.lora import grads as grad_lib
     from megatron_multilora.lora.inject import lora_parameters
     from megatron_multilora.schedule import forward_backward
 
     gpt, table = W.build("tiny-moe", layout, base_dir, TARGETS, recompute=recompute)
+    if starve:
+        _route_around(gpt, starve)
     params = [p for _, p in lora_parameters(gpt)]
     grad_lib.zero_grads(params)
     tokens, labels, slots = W.batch(N_SAMPLES)
@@ -42,6 +44,21 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False)
     grad_lib.sync_grads(params)
     return dict(grads=W.gathered_grads(table), violations=watcher.violations if watcher else [],
                 self_check=watcher.self_check() if watcher else None)
+
+
+def _route_around(gpt, experts):
+    """Routers never pick `experts` (their logits pushed down): those experts, and an EP rank holding only
+    them, receive no tokens."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    for router in (m for m in gpt.modules() if isinstance(m, TopKRouter)):
+        gating = router.gating
+
+        def pushed_down(x, gating=gating):
+            logits = gating(x)
+            return logits.index_fill(-1, torch.tensor(experts), -1e4)
+
+        router.gating = pushed_down
 
 
 def _DeltaWWatcher(table):
@@ -113,13 +130,17 @@ def test_expert_grads_are_meaningful_and_no_delta_w(reference):
 
 
 LAYOUTS = [
-    (dict(ep=2), 2, False),
-    (dict(tp=2, ep=2, sp=True), 4, False),
-    (dict(pp=2), 2, True),
+    pytest.param(dict(ep=2), 2, False, id="ep2"),
+    pytest.param(dict(tp=2, ep=2, sp=True), 4, False, id="tp2-ep2-sp"),
+    pytest.param(dict(pp=2), 2, True, id="pp2-recompute"),
+    # the alltoall dispatcher (megatron's choice on GPU): all-to-all over EP, TP all-gather, sort by expert
+    pytest.param(dict(ep=2, dispatcher="alltoall"), 2, False, id="alltoall-ep2"),
+    pytest.param(dict(tp=2, ep=2, sp=True, dispatcher="alltoall"), 4, False, id="alltoall-tp2-ep2-sp"),
+    pytest.param(dict(ep=2, pp=2, dispatcher="alltoall"), 4, True, id="alltoall-ep2-pp2-recompute"),
 ]
 
 
-@pytest.mark.parametrize("layout,world,recompute", LAYOUTS, ids=lambda x: str(x))
+@pytest.mark.parametrize("layout,world,recompute", LAYOUTS)
 def test_expert_grads_are_layout_invariant(reference, layout, world, recompute):
     base, ref = reference
     outs = run_world(_run, world, layout, base, None, recompute)
@@ -137,3 +158,29 @@ def test_expert_grads_are_batch_invariant(reference, slot):
         assert _rel(alone[key][slot], r[slot]) <= 1e-5, (key, _rel(alone[key][slot], r[slot]))
         others = [s for s in range(4) if s != slot]
         assert not alone[key][others].any()
+
+
+STARVED = (2, 3)  # at EP=2 these are all of rank 1's experts
+
+
+@pytest.fixture(scope="module")
+def starved_reference(reference):
+    base, _ = reference
+    return run_world(_run, 1, {}, base, None, False, False, STARVED)[0]["grads"]
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_experts_and_ranks_without_tokens(reference, starved_reference, dispatcher):
+    """An expert / EP rank that receives no tokens gets exact zero gradients, and nobody waits for it."""
+    base, _ = reference
+    outs = run_world(_run, 2, dict(ep=2, dispatcher=dispatcher), base, None, False, False, STARVED, timeout=300)
+    grads = W.merge([o["grads"] for o in outs])
+    assert set(grads) == set(starved_reference)
+    starved = [k for k in grads if any(f".local_experts.{e}." in k[0] for e in STARVED)]
+    fed = [k for k in grads if ".local_experts." in k[0] and k not in starved]
+    assert starved and fed
+    for key in starved:
+        assert not grads[key].any() and not starved_reference[key].any(), key
+    assert any(bool(grads[k].any()) for k in fed)
+    for key, r in starved_reference.items():
+        assert _rel(grads[key], r) <= 1e-5, (key, _rel(grads[key], r))

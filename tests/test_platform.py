@@ -26,6 +26,10 @@ def _pp2():
     return platform.ParallelLayout(pipeline_model_parallel_size=2)
 
 
+def _ep2():
+    return platform.ParallelLayout(expert_model_parallel_size=2)
+
+
 def _config(preset="tiny-dense", **layout):
     from megatron_multilora.config import model_config_from
     from megatron_multilora.model import transformer_config
@@ -53,10 +57,43 @@ def probe_mappings(_ctx):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-    rank = ps.get_tensor_model_parallel_rank()
-    y = gather_from_sequence_parallel_region(torch.full((2, 3), float(rank)),
-                                             group=ps.get_tensor_model_parallel_group())
-    return torch.equal(y, torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
+    from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+
+    rank, group = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+    y = gather_from_sequence_parallel_region(torch.full((2, 3), float(rank)), group=group)
+    # variable sizes (the alltoall dispatcher at TP > 1): rank 0 holds 2 rows, rank 1 holds 1
+    sizes = [2, 1]
+    uneven = gather_from_sequence_parallel_region(torch.full((sizes[rank], 3), float(rank)), group=group,
+                                                  output_split_sizes=sizes)
+    full = torch.arange(9.0).reshape(3, 3) * (rank + 1)
+    scattered = reduce_scatter_to_sequence_parallel_region(full, group=group, input_split_sizes=sizes)
+    return (torch.equal(y, torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
+            and torch.equal(uneven, torch.cat([torch.zeros(2, 3), torch.ones(1, 3)]))
+            and torch.equal(scattered, (torch.arange(9.0).reshape(3, 3) * 3)[[0, 1] if rank == 0 else [2]]))
+
+
+def probe_token_dispatcher(_ctx):
+    """megatron's alltoall dispatcher round trip at EP=2 with identity experts: every token comes back
+    scaled by the sum of its routing probabilities."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    cfg = _config("tiny-moe", expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall")
+    rank = torch.distributed.get_rank()
+    local = cfg.num_moe_experts // 2
+    dispatcher = MoEAlltoAllTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), cfg,
+                                            pg_collection=get_default_pg_collection())
+    g = torch.Generator().manual_seed(rank)
+    hidden = torch.randn(3, 2, cfg.hidden_size, generator=g)
+    top = torch.rand(6, cfg.num_moe_experts, generator=g).topk(cfg.moe_router_topk, dim=-1).indices
+    routing_map = torch.zeros(6, cfg.num_moe_experts, dtype=torch.bool).scatter_(1, top, True)
+    probs = torch.rand(6, cfg.num_moe_experts, generator=g) * routing_map
+    tokens, p = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
+    tokens, p = dispatcher.token_dispatch(tokens, p)
+    tokens, tokens_per_expert, p = dispatcher.dispatch_postprocess(tokens, p)
+    out = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(tokens * p[:, None])))
+    expected = hidden * probs.sum(-1).reshape(3, 2, 1)
+    return int(tokens_per_expert.sum()) == tokens.shape[0] and torch.allclose(out, expected, atol=1e-6)
 
 
 def probe_layers(_ctx):
@@ -186,6 +223,7 @@ PROBES = {  # patch name -> (layout, probe)
     "megatron.core.utils": (_tp2, probe_utils),
     "megatron.core.models.common.embeddings.rotary_pos_embedding": (_tp2, probe_rope),
     "megatron.core.transformer.moe.router": (_tp2, probe_router),
+    "megatron.core.transformer.moe.token_dispatcher": (_ep2, probe_token_dispatcher),
     "megatron.core.transformer.moe.moe_utils.te_general_gemm": (_tp2, probe_router),
     "megatron.core.pipeline_parallel.schedules": (_tp2, probe_schedules),
     "megatron.core.dist_checkpointing.strategies.filesystem_async": (_tp2, probe_checkpoint),

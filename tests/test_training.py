@@ -88,6 +88,7 @@ def test_a_tenants_losses_do_not_depend_on_other_tenants(data):
 LAYOUTS = [
     (dict(tensor_model_parallel_size=2, sequence_parallel=True), 2),
     (dict(expert_model_parallel_size=2), 2),  # DP 2 = EP 2
+    (dict(expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall"), 2),
     (dict(pipeline_model_parallel_size=2), 2),
     (dict(), 2),  # DP 2
 ]

@@ -5,34 +5,40 @@ axis is sharded across EP ranks like the experts themselves); the math is the de
 every token follows it through the token dispatcher: the dispatcher gathers and permutes an int slot-id vector
 exactly as it gathers and permutes the tokens. The experts wrapper then sorts its tokens by (expert, slot), so
 every expert sees its tokens grouped by slot, runs the base experts with per-expert segments, and restores the
-order. No per-expert delta-W is ever formed. All of it happens inside the MoE layer's forward, so activation
+order. No per-expert delta-W is ever formed. Both of megatron's token dispatchers are followed: allgather
+(all-gather over TP x EP) and alltoall (all-to-all over EP with the tokens' own split sizes, then the TP
+all-gather and the sort by local expert). All of it happens inside the MoE layer's forward, so activation
 recompute and pipeline schedules replay it from the micro-batch's own routing.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import all_to_all, gather_from_sequence_parallel_region
+from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 
 from . import routing as routing_lib
 
 
+def _input_slots(hidden_states) -> torch.Tensor:
+    """The slot of every token of this rank's MoE input, in the dispatcher's flattened [seq * batch] order."""
+    routing = routing_lib.current()
+    if routing is None:
+        tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        return torch.full((tokens,), routing_lib.NO_ADAPTER, dtype=torch.long, device=hidden_states.device)
+    return routing.token_slots(hidden_states.shape[0]).to(hidden_states.device)
+
+
 class SlotTrackingAllGatherDispatcher:
-    """Mixin in front of megatron's MoEAllGatherTokenDispatcher: carries token slot ids along."""
+    """Mixin in front of megatron's MoEAllGatherTokenDispatcher: carries token slot ids along
+    (all-gather over TP x EP, then the local permutation)."""
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        routing = routing_lib.current()
-        tokens = hidden_states.shape[0] * hidden_states.shape[1]
-        if routing is None:
-            slots = torch.full((tokens,), routing_lib.NO_ADAPTER, dtype=torch.long, device=hidden_states.device)
-        else:
-            slots = routing.token_slots(hidden_states.shape[0]).to(hidden_states.device)
-        self.lora_token_slots = slots
+        self.lora_token_slots = _input_slots(hidden_states)
         return super().dispatch_preprocess(hidden_states, routing_map, probs)
 
     def token_dispatch(self, hidden_states, probs):
         if self.tp_size > 1 or self.ep_size > 1:  # the same all-gather megatron does for the tokens
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
             with torch.no_grad():
                 self.lora_token_slots = gather_from_sequence_parallel_region(
                     self.lora_token_slots, group=self.tp_ep_group
@@ -42,6 +48,39 @@ class SlotTrackingAllGatherDispatcher:
     def dispatch_postprocess(self, hidden_states, probs):
         out = super().dispatch_postprocess(hidden_states, probs)
         self.lora_permuted_slots = self.lora_token_slots[self.reversed_local_input_permutation_mapping]
+        return out
+
+
+class SlotTrackingAlltoAllDispatcher:
+    """Mixin in front of megatron's MoEAlltoAllTokenDispatcher: the slot ids take the tokens' path
+    (permutation 1, all-to-all over EP with the same splits, all-gather over TP, sort by local expert)."""
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        slots = _input_slots(hidden_states)
+        out = super().dispatch_preprocess(hidden_states, routing_map, probs)
+        self.lora_token_slots = slots[self.reversed_local_input_permutation_mapping]
+        return out
+
+    def token_dispatch(self, permuted_tokens, permuted_probs):
+        out = super().token_dispatch(permuted_tokens, permuted_probs)  # the split sizes are on the host now
+        with torch.no_grad():
+            self.lora_token_slots = all_to_all(
+                self.ep_group, self.lora_token_slots, self.output_splits, self.input_splits
+            )
+        return out
+
+    def dispatch_postprocess(self, global_tokens, global_probs):
+        out = super().dispatch_postprocess(global_tokens, global_probs)
+        slots = self.lora_token_slots
+        with torch.no_grad():
+            if self.tp_size > 1:
+                splits = None if self.output_splits_tp is None else self.output_splits_tp.tolist()
+                slots = gather_from_sequence_parallel_region(slots, group=self.tp_group, output_split_sizes=splits)
+            if self.num_local_experts > 1:
+                slots, _ = sort_chunks_by_idxs(
+                    slots, self.num_global_tokens_per_local_expert.ravel(), self.sort_input_by_local_experts
+                )
+        self.lora_permuted_slots = slots
         return out
 
 
@@ -89,16 +128,26 @@ def _with_mixin(mixin: type, base: type) -> type:
 def track_expert_slots(moe_layer) -> None:
     """Make the MoE layer's dispatcher carry slot ids and its experts group tokens by slot."""
     from megatron.core.transformer.moe.experts import SequentialMLP
-    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+    from megatron.core.transformer.moe.token_dispatcher import (
+        MoEAllGatherTokenDispatcher,
+        MoEAlltoAllTokenDispatcher,
+    )
 
-    dispatcher, experts = moe_layer.token_dispatcher, moe_layer.experts
-    if not isinstance(dispatcher, MoEAllGatherTokenDispatcher):
+    dispatcher, experts, config = moe_layer.token_dispatcher, moe_layer.experts, moe_layer.config
+    mixins = {MoEAllGatherTokenDispatcher: SlotTrackingAllGatherDispatcher,
+              MoEAlltoAllTokenDispatcher: SlotTrackingAlltoAllDispatcher}
+    mixin = next((m for cls, m in mixins.items() if isinstance(dispatcher, cls)), None)
+    if mixin is None:
         raise NotImplementedError(
-            f"expert LoRA follows tokens through the allgather dispatcher only, not {type(dispatcher).__name__}: "
-            "set moe_token_dispatcher_type='allgather'"
+            f"expert LoRA follows tokens through the allgather and alltoall dispatchers, not "
+            f"{type(dispatcher).__name__}: set moe_token_dispatcher_type to 'allgather' or 'alltoall'"
         )
+    # The slot ids replay megatron's unfused permutation with the reversed mapping as token indices.
+    for flag in ("moe_permute_fusion", "moe_pad_expert_input_to_capacity", "moe_router_padding_for_quantization"):
+        if getattr(config, flag, False):
+            raise NotImplementedError(f"expert LoRA does not support {flag}=True")
     if not isinstance(experts, SequentialMLP):
         raise NotImplementedError(f"expert LoRA needs SequentialMLP experts, not {type(experts).__name__}")
-    dispatcher.__class__ = _with_mixin(SlotTrackingAllGatherDispatcher, type(dispatcher))
+    dispatcher.__class__ = _with_mixin(mixin, type(dispatcher))
     experts.__class__ = _with_mixin(SlotLoRASequentialMLP, type(experts))
     experts.lora_dispatcher = dispatcher

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import ops, routing as routing_lib
+from .slots import EXPERT_TARGETS
 
 
 class SlotLoRALinear:
@@ -144,6 +145,8 @@ class SlotLoRALinear:
     def _lora_segments(self):
         if self.lora_token_segments is not None:
             return self.lora_token_segments
+        if self.lora_kind in EXPERT_TARGETS:  # dispatched tokens: only the experts wrapper knows their slots
+            return []
         routing = routing_lib.current()
         return routing.segments(self.lora_kind) if routing is not None else []
 
