@@ -85,6 +85,7 @@ LAYOUTS = [
     (dict(tp=2, sp=True), 2, False),
     (dict(), 2, False),  # DP=2
     (dict(pp=2), 2, True),  # 1F1B with activation recompute
+    (dict(), 1, True),  # activation recompute on one process
 ]
 
 
@@ -98,3 +99,29 @@ def test_per_slot_gradients_are_layout_invariant(reference, layout, world, recom
     for key, ref in ref_grads.items():
         err = ((grads[key] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
         assert err <= 1e-5, (key, err)
+
+
+def _embedding_output_requires_grad(recompute, base_dir):
+    from megatron_multilora import model as M
+    from megatron_multilora.lora.routing import AdapterRouting
+
+    gpt, table = W.build("tiny-dense", {}, base_dir, TARGETS, recompute=recompute)
+    seen = []
+    gpt.embedding.register_forward_hook(lambda _m, _i, out: seen.append(out.requires_grad))
+    tokens = torch.randint(0, 320, (2, W.SEQ))
+    out = {}
+    for name, slots in (("adapter", [0, -1]), ("base_only", [-1, -1])):
+        with AdapterRouting(slots, table).active():
+            gpt(tokens, M.position_ids(tokens), M.causal_attention_mask(W.SEQ), labels=tokens).sum().backward()
+        out[name] = seen.pop()
+    return out
+
+
+def test_embedding_output_requires_grad_only_where_backward_needs_it(reference):
+    """It costs the first layer's input gradient: only base-only micro-batches (no graph otherwise) and
+    reentrant recompute (no backward through a chunk whose input needs no grad) need it on one process."""
+    base, *_ = reference
+    plain = run_world(_embedding_output_requires_grad, 1, False, base)[0]
+    assert plain == {"adapter": False, "base_only": True}
+    recompute = run_world(_embedding_output_requires_grad, 1, True, base)[0]
+    assert recompute == {"adapter": True, "base_only": True}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import routing as routing_lib
 from .experts import track_expert_slots
 from .linear import lora_class
 from .slots import EXPERT_TARGETS, SlotTable
@@ -64,14 +65,30 @@ def inject_lora(model, table: SlotTable) -> list:
         layers.append(module)
     table.layers.extend(layers)
     if getattr(model, "pre_process", False):
-        # With a frozen embedding, whether a tensor needs a gradient would depend on the micro-batch (a
-        # base-only one needs none). Collectives that run in backward (the MoE dispatcher's reduce-scatter
-        # across EP ranks that hold different data, pipeline sends) must run on every rank alike, and
-        # reentrant activation checkpointing only back-propagates through a chunk whose inputs require grad:
-        # so the embedding output always requires grad (PEFT's enable_input_require_grads, for the same
-        # reasons).
-        model.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        model.embedding.register_forward_hook(_embedding_output_hook(model))
     return layers
+
+
+def _embedding_output_hook(model):
+    """Make the (frozen) embedding output require grad where backward needs it, and nowhere else (it costs the
+    first layer's input gradient, ~1/num_layers of the base backward).
+
+    It is needed when the backward must run whatever the micro-batch holds: collectives in backward between
+    ranks with different data (the MoE dispatcher across EP ranks, pipeline sends and receives), and
+    reentrant activation recompute, which back-propagates only through chunks whose inputs require grad
+    (PEFT's enable_input_require_grads, for the same reason). Otherwise it is needed only by a micro-batch
+    that trains no LoRA layer (base-only samples), whose loss would have no graph at all."""
+    from megatron.core import parallel_state as ps
+
+    always = (ps.get_pipeline_model_parallel_world_size() > 1 or ps.get_expert_model_parallel_world_size() > 1
+              or model.config.recompute_granularity is not None)
+
+    def hook(_module, _inputs, output):
+        routing = routing_lib.current()
+        if always or routing is None or not routing.trains_any_layer:
+            output.requires_grad_(True)
+
+    return hook
 
 
 def lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

@@ -39,6 +39,11 @@ class AdapterRouting:
                     segs.append(Segment(slot, start, end, spec.rank, spec.scale, spec.dropout))
             self._segments[kind] = segs
 
+    @property
+    def trains_any_layer(self) -> bool:
+        """Some sample of this micro-batch trains some LoRA layer (its loss then has a graph to them)."""
+        return any(self._segments.values())
+
     def segments(self, kind: str) -> list[Segment]:
         return self._segments.get(kind, [])
 
