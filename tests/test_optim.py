@@ -318,21 +318,67 @@ def test_several_slots_each_match_their_own_adamw():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_view_and_gather_paths_agree_bitwise(dtype):
+def test_views_gather_and_row_groups_agree_bitwise(dtype):
+    """Views per contiguous run vs gather / scatter, and any grouping of the rows (block_numel: one
+    row per group, groups that mix parameters and cut runs, one group) give bitwise equal results."""
     S = 6
     base = make_params(S, dtype=dtype, seed=3)
     hps = (HP_VARIANTS * 2)[:S]
     results = []
-    for max_runs in (None, 0):  # views per contiguous run / always gather-scatter
+    for max_runs, block_numel in [(None, None), (0, None), (None, 1), (None, 37), (0, 37), (None, 10**9)]:
         params = {n: torch.nn.Parameter(p.detach().clone()) for n, p in base.items()}
         opt = make_opt(params, hps)
         opt.max_view_runs = max_runs
+        opt.block_numel = block_numel
         for it, pattern in enumerate([[1] * 6, [1, 0, 1, 1, 0, 1], [0, 1, 0, 1, 0, 1], [1] * 6]):
             set_grads(params, make_grads(params, 300 + it, mag=2.0))
             opt.step(torch.full((S,), 0.25), torch.tensor(pattern, dtype=torch.bool))
         results.append([snapshot(opt, params, k) for k in range(S)])
-    for a, b in zip(*results):
-        assert_bitwise_equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_runs,block_numel", [(None, None), (None, 1), (None, 37), (0, None)])
+def test_idle_rows_bitwise_untouched_and_never_reduced(dtype, max_runs, block_numel):
+    """Rows of idle slots -- weights, fp32 masters, both moments -- stay bitwise unchanged while slots
+    around them step, whatever the row grouping, and their (garbage) grads never reach the norms."""
+    S = 7
+    params = make_params(S, dtype=dtype, seed=11)
+    seen = []
+
+    def reduce(sq):
+        seen.append(sq)
+        return default_grad_sq_norm_reduce(sq)
+
+    opt = make_opt(params, (HP_VARIANTS * 2)[:S], grad_sq_norm_reduce=reduce)
+    opt.max_view_runs = max_runs
+    opt.block_numel = block_numel
+    set_grads(params, make_grads(params, 1200))
+    opt.step(torch.ones(S), torch.ones(S, dtype=torch.bool))  # non-trivial state everywhere
+    state = {name: [t.detach().clone() for t in tensors] for name, tensors in
+             [("p", [p for p in params.values()]), ("m", opt._exp_avg), ("v", opt._exp_avg_sq),
+              ("master", [t for t in opt._master if t is not None])]}
+    active = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    idle = (~active).nonzero().flatten().tolist()
+    grads = make_grads(params, 1201)
+    for g in grads.values():
+        g[~active] = float("nan")
+    set_grads(params, grads)
+    rep = opt.step(torch.full((S,), 0.5), active)
+    assert rep.stepped.tolist() == active.tolist()
+    for sq in seen[-1].values():
+        assert torch.equal(sq[~active], torch.zeros(len(idle)))
+    now = {"p": list(params.values()), "m": opt._exp_avg, "v": opt._exp_avg_sq,
+           "master": [t for t in opt._master if t is not None]}
+    assert len(state["master"]) == (0 if dtype == torch.float32 else len(params))
+    for name, before in state.items():
+        for b, a in zip(before, now[name]):
+            a = a.detach()
+            ity = {2: torch.int16, 4: torch.int32}[a.element_size()]
+            assert torch.equal(a[idle].view(ity), b[idle].view(ity)), name
+            assert not torch.equal(a[active], b[active]), name
 
 
 # ------------------------------------------------------------------------------- isolation
