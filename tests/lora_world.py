@@ -8,7 +8,7 @@ import torch
 SEQ = 16
 TENANTS = [  # name, rank, alpha, targets (None = all the pool wraps)
     ("a", 4, 8.0, None),
-    ("b", 8, 4.0, None),
+    ("b", 4, 8.0, None),  # like "a": their adjacent segments form one batched run (lora/ops.py)
     ("c", 16, 32.0, ("linear_qkv", "linear_fc2", "expert_fc1")),
 ]
 MAX_SLOTS, MAX_RANK = 4, 16

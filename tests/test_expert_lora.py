@@ -14,7 +14,7 @@ import torch
 from tests import lora_world as W
 from tests.distributed import run_world
 
-N_SAMPLES, MBS = 8, 2
+N_SAMPLES, MBS = 8, 4  # micro-batches mix tenants ([a a b b], [c c base base])
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "expert_fc1", "expert_fc2")
 
 

@@ -4,7 +4,8 @@ One megatron ColumnParallelLinear (linear_qkv) and one RowParallelLinear (linear
 inject does it, in a 4-slot pool of max rank 16 holding tenants of ranks 4 / 8 (rsLoRA) / 16 with different
 alphas, one idle slot and one base-only sample. Each sample's output and every gradient must equal what the
 tenant would get alone from y = x W^T + s (x A^T) B^T with A, B sliced to the tenant's rank. A single spawned
-process (megatron needs its parallel state) computes everything; the tests below only compare.
+process (megatron needs its parallel state) computes everything; the tests below only compare. The ops-level
+tests at the end run in process: runs of segments batched into one bmm (ops.py) against a per-segment reference.
 """
 
 import pytest
@@ -278,3 +279,89 @@ def test_routing_rejects_a_slot_no_tenant_holds(slot):
     # 3 is an idle slot; 4 and 99 are past the table; -2 / -5 must not wrap around to slots 2 / 3.
     with pytest.raises(ValueError, match=f"slot {slot}, which no tenant holds"):
         AdapterRouting([0, slot, slot], _table())
+
+
+# ---- batched runs of segments (ops level, in process) ----------------------------------------------------------
+# (L, N, in, out, segments as (slot, start, end, rank, scale), expected segments per run). 8 slots of max rank 8;
+# slots 5 and 7 are idle in every case.
+RUN_CASES = {
+    # a run of 3 (evenly spaced slots) copied to [G, L * n, in]; a base-only row; a run of 2 whose slots are not
+    # evenly spaced (gathered weights, index_add_ gradients); a longer segment; base-only rows at the end
+    "sequence": (3, 16, 12, 10, [(0, 0, 2, 4, 2.0), (1, 2, 4, 4, 2.0), (2, 4, 6, 4, 2.0),
+                                 (6, 7, 9, 8, 0.5), (3, 9, 11, 8, 0.5), (4, 11, 14, 8, 0.5)], [3, 2, 1]),
+    # expert tokens (L == 1): runs are views of x; unequal sizes and a scale change split runs
+    "tokens": (1, 23, 12, 10, [(1, 0, 3, 8, 1.0), (2, 3, 6, 8, 1.0), (3, 6, 9, 8, 1.0), (0, 9, 13, 2, 3.0),
+                               (4, 13, 17, 2, 3.0), (6, 17, 21, 2, 0.25)], [3, 2, 1]),
+    # one sample per segment, mixed ranks (one run per rank)
+    "samples": (4, 7, 12, 10, [(0, 0, 1, 8, 1.5), (2, 1, 2, 8, 1.5), (4, 2, 3, 8, 1.5), (1, 3, 4, 4, 1.5),
+                               (3, 4, 5, 4, 1.5)], [3, 2]),
+    # one tenant spanning the micro-batch
+    "spanning": (5, 6, 12, 10, [(3, 0, 6, 8, 2.0)], [1]),
+}
+
+
+def _ops_reference(x, segments, a_w, b_w, gy):
+    """Plain PyTorch, segment by segment on fresh leaves: delta, dx, dA, dB and h packed per segment."""
+    x = x.detach().clone().requires_grad_(True)
+    a_w = a_w.detach().clone().requires_grad_(True)
+    b_w = b_w.detach().clone().requires_grad_(True)
+    delta = torch.zeros(*x.shape[:2], b_w.shape[1])
+    blocks = []
+    for slot, start, end, rank, scale in segments:
+        h = x[:, start:end] @ a_w[slot, :rank].t()
+        blocks.append(h.detach().reshape(x.shape[0], -1))
+        delta[:, start:end] = scale * (h @ b_w[slot, :, :rank].t())
+    (delta * gy).sum().backward()
+    return delta.detach(), x.grad, a_w.grad, b_w.grad, torch.cat(blocks, dim=1)
+
+
+@pytest.mark.parametrize("case", RUN_CASES)
+def test_batched_runs_match_per_tenant_reference(case):
+    from megatron_multilora.lora import ops
+
+    seq, n, d_in, d_out, segs, counts = RUN_CASES[case]
+    gen = torch.Generator().manual_seed(5)
+    a_w = torch.nn.Parameter(torch.randn(8, 8, d_in, generator=gen))
+    b_w = torch.nn.Parameter(torch.randn(8, d_out, 8, generator=gen))
+    x, gy = torch.randn(seq, n, d_in, generator=gen), torch.randn(seq, n, d_out, generator=gen)
+    segments = [ops.Segment(*s) for s in segs]
+    assert [r.count for r in ops._runs(segments)] == counts  # the batched paths are the ones exercised
+
+    sentinel = 7.0  # gradients accumulate: a row nobody writes keeps it exactly
+    a_w.grad, b_w.grad = torch.full_like(a_w, sentinel), torch.full_like(b_w, sentinel)
+    seen = []
+    xi = x.clone().requires_grad_(True)
+    delta = ops.lora_delta(xi, a_w, b_w, segments, middle=lambda h: seen.append(h.detach().clone()) or h)
+    (delta * gy).sum().backward()
+
+    ref_delta, ref_dx, ref_da, ref_db, ref_h = _ops_reference(x, segs, a_w, b_w, gy)
+    assert _rel(seen[0], ref_h) <= TOL, "the packed h layout (what tensor parallelism communicates) changed"
+    assert _rel(delta, ref_delta) <= TOL and delta.is_contiguous()
+    assert _rel(xi.grad, ref_dx) <= TOL and xi.grad.is_contiguous()
+    covered = torch.zeros(n, dtype=torch.bool)
+    for _slot, start, end, _rank, _scale in segs:
+        covered[start:end] = True
+    assert not delta[:, ~covered].any() and not xi.grad[:, ~covered].any(), "base-only rows got a LoRA term"
+    touched = {slot: rank for slot, _s, _e, rank, _sc in segs}
+    for slot in range(8):
+        rank = touched.get(slot, 0)  # 0: an idle slot, never written
+        if rank:
+            assert _rel(a_w.grad[slot, :rank] - sentinel, ref_da[slot, :rank]) <= TOL, (slot, "A")
+            assert _rel(b_w.grad[slot, :, :rank] - sentinel, ref_db[slot, :, :rank]) <= TOL, (slot, "B")
+        assert (a_w.grad[slot, rank:] == sentinel).all(), f"slot {slot}: A rows beyond rank {rank} written"
+        assert (b_w.grad[slot, :, rank:] == sentinel).all(), f"slot {slot}: B columns beyond rank {rank} written"
+
+
+def test_permute_rows_gathers_both_ways():
+    from megatron_multilora.lora import ops
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 4, generator=gen, requires_grad=True)
+    g = torch.randn(9, 4, generator=gen)
+    order = torch.randperm(9, generator=gen)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(9)
+    y = ops.permute_rows(x, order, inverse)
+    y.backward(g)
+    assert torch.equal(y, x[order])
+    assert torch.equal(x.grad, torch.zeros_like(g).index_put_((order,), g))

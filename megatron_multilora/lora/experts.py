@@ -88,6 +88,8 @@ class SlotLoRASequentialMLP:
     """Mixin in front of megatron's SequentialMLP: groups each expert's tokens by slot around the base call."""
 
     def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):
+        from . import ops
+
         routing = routing_lib.current()
         slots = self.lora_dispatcher.lora_permuted_slots
         if routing is None or not bool((slots != routing_lib.NO_ADAPTER).any()):
@@ -104,16 +106,17 @@ class SlotLoRASequentialMLP:
                 if hasattr(linear, "lora_kind"):
                     linear.lora_token_segments = routing.token_segments(linear.lora_kind, expert_slots)
             start += count
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         try:
-            out, bias = super().forward(permuted_hidden[order], tokens_per_expert, permuted_probs[order])
+            out, bias = super().forward(ops.permute_rows(permuted_hidden, order, inverse), tokens_per_expert,
+                                        permuted_probs[order])
         finally:
             for expert in self.local_experts:
                 for linear in (expert.linear_fc1, expert.linear_fc2):
                     if hasattr(linear, "lora_kind"):
                         linear.lora_token_segments = None
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return out[inverse], bias
+        return ops.permute_rows(out, inverse, order), bias
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
