@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -95,6 +97,40 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+@functools.cache
+def sdpa_attention_class():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class SDPAttention(DotProductAttention):
+        """megatron's local DotProductAttention through torch's scaled_dot_product_attention: fused (flash /
+        memory-efficient) kernels on GPU and CPU instead of materialising [b, heads, s, s] scores in fp32, and
+        GQA without repeating keys and values. Anything it does not cover (dropout, attention bias, packed
+        sequences, softmax offsets, sliding windows, query-key layer scaling) takes megatron's own path."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            plain = (
+                attention_bias is None and packed_seq_params is None and self.softmax_offset is None
+                and not (self.training and self.attention_dropout.p > 0)
+                and self.scale_mask_softmax.window_size is None and not self.config.apply_query_key_layer_scaling
+                and (mask_type == AttnMaskType.causal or attention_mask is not None)
+            )
+            if not plain:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                       packed_seq_params)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, n, d] -> [b, n, s, d]
+            causal = mask_type == AttnMaskType.causal
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if causal else ~attention_mask, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
+            )
+            return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+
+    return SDPAttention
+
+
 def block_spec(model: ModelConfig, config, vp_stage: int | None = None):
     """megatron-core's local (non transformer-engine) spec for this stage's layers: the same modules on CPU
     and GPU, so the LoRA wrappers see one set of linears."""
@@ -106,6 +142,7 @@ def block_spec(model: ModelConfig, config, vp_stage: int | None = None):
     )
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
+    layer.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
     if model.qk_layernorm:
         layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
         layer.submodules.self_attention.submodules.k_layernorm = RMSNorm

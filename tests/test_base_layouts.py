@@ -117,3 +117,38 @@ def test_base_layout_invariance(references, preset, layout, world):
     for key in ("logits", "losses", "emb_grads"):
         assert got[key].shape == ref[key].shape, key
         assert _rel(got[key], ref[key]) <= 1e-5, (key, _rel(got[key], ref[key]))
+
+
+def _attention_outputs(mask_type):
+    """megatron's DotProductAttention and ours (torch SDPA) on the same q, k, v (GQA 4 heads / 2 groups)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_multilora import model as M
+    from megatron_multilora import platform
+    from megatron_multilora.config import model_config_from
+
+    platform.initialize_model_parallel(platform.ParallelLayout(), seed=3)
+    config = M.transformer_config(model_config_from("tiny-dense"))
+    heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(SEQ, BATCH, n, dim, generator=g) for n in (heads, groups, groups)]
+    mask = M.causal_attention_mask(SEQ) if mask_type == "causal" else torch.rand(BATCH, 1, SEQ, SEQ, generator=g) < 0.3
+    mask[..., 0] = False  # every query sees at least one key
+    kind = AttnMaskType.causal if mask_type == "causal" else AttnMaskType.padding
+    out = {}
+    for name, cls in (("megatron", DotProductAttention), ("sdpa", M.sdpa_attention_class())):
+        attention = cls(config, layer_number=1, attn_mask_type=kind, attention_type="self")
+        inputs = [t.clone().requires_grad_(True) for t in qkv]
+        y = attention(*inputs, mask)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        out[name] = [y.detach()] + [t.grad for t in inputs]
+    return out
+
+
+@pytest.mark.parametrize("mask_type", ["causal", "arbitrary"])
+def test_sdpa_attention_equals_megatron_attention(mask_type):
+    out = run_world(_attention_outputs, 1, mask_type)[0]
+    for ours, ref in zip(out["sdpa"], out["megatron"]):
+        assert ours.shape == ref.shape
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
