@@ -672,8 +672,9 @@ class Bench:
                 peft_step(k, tokens[k * b:(k + 1) * b], labels[k * b:(k + 1) * b])
 
         def input_grads(model, fn):
-            """fn with the embedding output requiring grad, as in our model (inject_lora does it for pipeline
-            and recompute reasons), so backward also computes the first layer's input gradient."""
+            """fn with the embedding output requiring grad (so backward also computes the first layer's input
+            gradient), as our model does only where it must: base-only micro-batches (ours_base here), EP / PP
+            collectives and activation recompute (lora/inject.py)."""
             def run():
                 hook = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
                 try:
