@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .lora.slots import ALL_TARGETS, DENSE_TARGETS, EXPERT_TARGETS
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
@@ -162,9 +164,8 @@ def model_config_from(spec: str | dict | ModelConfig) -> ModelConfig:
 # (types checked, defaults that depend on other sections filled in)  ->  ``validate(run, world_size)``
 # (every value checked; all problems reported at once)  ->  process groups, model, ...
 
-DENSE_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-EXPERT_TARGET_MODULES = ("expert_fc1", "expert_fc2")
-TARGET_MODULES = DENSE_TARGET_MODULES + EXPERT_TARGET_MODULES
+# the LoRA target names, defined once with the slot table
+DENSE_TARGET_MODULES, EXPERT_TARGET_MODULES, TARGET_MODULES = DENSE_TARGETS, EXPERT_TARGETS, ALL_TARGETS
 LORA_INITS = ("kaiming", "gaussian")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")  # = optim.DECAY_STYLES (not imported: optim imports torch)
 DISTRIBUTED_BACKENDS = ("gloo", "nccl")
