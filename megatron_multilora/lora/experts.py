@@ -17,7 +17,7 @@ import torch
 from megatron.core.tensor_parallel import all_to_all, gather_from_sequence_parallel_region
 from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 
-from . import routing as routing_lib
+from . import ops, routing as routing_lib
 
 
 def _input_slots(hidden_states) -> torch.Tensor:
@@ -88,8 +88,6 @@ class SlotLoRASequentialMLP:
     """Mixin in front of megatron's SequentialMLP: groups each expert's tokens by slot around the base call."""
 
     def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):
-        from . import ops
-
         routing = routing_lib.current()
         slots = self.lora_dispatcher.lora_permuted_slots
         if routing is None or not bool((slots != routing_lib.NO_ADAPTER).any()):
