@@ -307,6 +307,7 @@ class RunConfig:
     # data
     tokenizer: str | None = None  # None / "byte": byte-level; else a tokenizer.json (or a directory with one)
     tenants_dir: str | None = None  # a directory of one YAML file per tenant
+    tenants_dir_idle_wait: float = 0.0  # seconds an idle job (no tenant running or queued) waits for one to join
     # checkpointing
     load_base: str | None = None  # base model dist checkpoint (None: random init, for tests / demos)
     save: str | None = None
@@ -914,6 +915,10 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
         problems.append(f"the byte-level tokenizer needs model.vocab_size >= 258, got {m.vocab_size}")
     if run.tenants_dir is not None and not Path(run.tenants_dir).is_dir():
         problems.append(f"tenants_dir: directory not found: {run.tenants_dir}")
+    if not run.tenants_dir_idle_wait >= 0:  # also refuses NaN
+        problems.append(f"tenants_dir_idle_wait must be >= 0 seconds, got {run.tenants_dir_idle_wait}")
+    elif run.tenants_dir_idle_wait and run.tenants_dir is None:
+        problems.append("tenants_dir_idle_wait needs a tenants_dir (--tenants-dir) for tenants to join through")
 
     # checkpointing
     if run.load_base is not None and not Path(run.load_base).is_dir():

@@ -17,7 +17,8 @@ applies it in the same order, so all ranks change their slot tables alike.
   tenant); use ``<name>.stop``.
 
 A tenant that reaches its own ``train_iters`` or ``max_epochs`` is evaluated, saved and released; it is not
-admitted again in this run (the run's ``finished`` list is part of the run checkpoint).
+admitted again in this run (the run's ``finished`` list is part of the run checkpoint). A job with no tenant
+running or queued ends, or first waits up to ``--tenants-dir-idle-wait`` seconds for one to join.
 """
 
 from __future__ import annotations

@@ -92,6 +92,9 @@ class TenantScope:
         return self.trainer.scoped_loss(self.slot, dataset, count)
 
 
+IDLE_POLL_SECONDS = 1.0  # how often an idle job looks at its control directory
+
+
 class MultiLoRATrainer:
     def __init__(self, run: RunConfig):
         from megatron.core import parallel_state as ps
@@ -318,7 +321,8 @@ class MultiLoRATrainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def train(self) -> None:
-        """Train until the run's train_iters (or until no tenant is left); evaluate and save at the end."""
+        """Train until the run's train_iters (or until no tenant is left and none joins within
+        tenants_dir_idle_wait); evaluate and save at the end."""
         run = self.run
         while self.iteration < run.train_iters and self.train_iteration():
             pass
@@ -332,7 +336,7 @@ class MultiLoRATrainer:
         logging, evaluation, finished tenants leave, periodic save. False when no tenant is left to train."""
         run = self.run
         self.poll_tenants_dir()
-        if not self.tenants:
+        if not self.tenants and not self._wait_for_tenants():
             return False
         out = self.train_step()
         for name, m in out["per_tenant"].items():
@@ -347,6 +351,23 @@ class MultiLoRATrainer:
             self.finish_tenant(name)
         if run.save and run.save_interval and self.iteration % run.save_interval == 0:
             self.save_checkpoint()
+        return True
+
+    def _wait_for_tenants(self) -> bool:
+        """An idle job with a control directory waits up to tenants_dir_idle_wait seconds for a tenant to join.
+        Rank 0 keeps the clock and every rank polls in step, so all ranks end the wait together."""
+        wait = self.run.tenants_dir_idle_wait
+        if self._watcher is None or not wait:
+            return False
+        self.metrics.note(f"no tenant running or queued at iteration {self.iteration}: waiting up to {wait:g} s "
+                          f"for one to join through {self.run.tenants_dir}")
+        deadline = time.monotonic() + wait
+        while not self.tenants:
+            remaining = ckpt.broadcast_object(deadline - time.monotonic() if dist.get_rank() == 0 else None)
+            if remaining <= 0:
+                return False
+            time.sleep(min(IDLE_POLL_SECONDS, remaining))
+            self.poll_tenants_dir()
         return True
 
     # ---- tenant lifecycle ------------------------------------------------------------------------------

@@ -188,6 +188,8 @@ def test_unsafe_and_bad_tenant_names_are_refused(raw):
     ("save_interval", 0, r"save_interval must be >= 1"),
     ("keep_last_checkpoints", 0, r"keep_last_checkpoints must be >= 1"),
     ("distributed_backend", "mpi", r"distributed_backend must be one of \['gloo', 'nccl'\]"),
+    ("tenants_dir_idle_wait", -1.0, r"tenants_dir_idle_wait must be >= 0 seconds"),
+    ("tenants_dir_idle_wait", 5.0, r"tenants_dir_idle_wait needs a tenants_dir"),
     ("moe_token_dispatcher_type", "flex", r"moe_token_dispatcher_type must be one of \['allgather', 'alltoall'\]"),
     ("distributed_timeout_minutes", 0, r"distributed_timeout_minutes must be >= 1"),
     ("lora.max_slots", 0, r"lora\.max_slots must be >= 1"),

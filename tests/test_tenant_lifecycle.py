@@ -161,3 +161,50 @@ def test_tenants_join_wait_finish_stop_and_resume_without_disturbing_others(tmp_
     # are the baseline's first 5 steps (weights, Adam moments, step count / LR and data position restored)
     assert [r["iteration"] for r in events if r.get("tenant") == "c" and "lm loss" in r] == [2, 3, 4, 7, 8]
     assert _own_steps(events, "c") == _own_steps(base, "c")[:5]
+
+
+def _idle_job(cfg, control: str, late: dict):
+    """An idle job waits for a tenant file (written by rank 0 after it started waiting), trains it to its own
+    train_iters, then waits again and ends. Without a wait it ends at once."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_multilora.config import load_run_config, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    out = {}
+    trainer = MultiLoRATrainer(validate(load_run_config({**cfg, "tenants_dir_idle_wait": 0}), 2))
+    out["no_wait"] = (trainer.train_iteration(), trainer.iteration)
+    trainer.close()
+
+    trainer = MultiLoRATrainer(validate(load_run_config(cfg), 2))
+    notes = []
+    note = trainer.metrics.note
+    trainer.metrics.note = lambda line: (notes.append(line), note(line))
+    if dist.get_rank() == 0:
+        def join_later():
+            time.sleep(1.5)
+            tr.write_yaml(Path(control) / "late.tmp", late)
+            os.replace(Path(control) / "late.tmp", Path(control) / "late.yaml")
+
+        threading.Thread(target=join_later, daemon=True).start()
+    trainer.train()
+    out.update(iteration=trainer.iteration, finished=list(trainer.finished),
+               waits=sum("waiting up to" in n for n in notes), joined=[n for n in notes if "joined" in n])
+    trainer.close()
+    return out
+
+
+def test_an_idle_job_waits_for_tenants_to_join(tmp_path):
+    control = tmp_path / "control"
+    control.mkdir()
+    late = tr.tenant(tmp_path, "late", rank=4, seed=5, train_iters=2)
+    cfg = tr.run_config([], lora={"max_slots": 2, "max_rank": 8}, train_iters=50, eval_interval=None,
+                        tensor_model_parallel_size=2, tenants_dir=str(control), tenants_dir_idle_wait=4.0)
+    for out in run_world(_idle_job, 2, cfg, str(control), late, timeout=300):
+        assert out["no_wait"] == (False, 0)
+        assert out["joined"] == ["tenant late: joined at iteration 0, slot 0"]
+        assert out["iteration"] == 2 and out["finished"] == ["late"]
+        assert out["waits"] == 2  # before it joined, and after it finished
