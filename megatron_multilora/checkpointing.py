@@ -8,6 +8,15 @@ from pathlib import Path
 import torch
 
 
+def require_empty_dir(directory: str | Path) -> Path:
+    """An output directory must be new or empty: nothing already saved is overwritten. Check it before the
+    heavy work."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not empty")
+    return directory
+
+
 def _base_sharded_state_dict(model) -> dict:
     """The frozen base's sharded tensors (adapter weights excluded: they are saved per tenant)."""
     sharded = model.sharded_state_dict()

@@ -363,16 +363,6 @@ class RunConfig:
     def seed_of(self, tenant: TenantConfig) -> int:
         return self.seed if tenant.seed is None else tenant.seed
 
-    def data_parallel_size(self, world_size: int) -> int:
-        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if world_size % model_parallel:
-            raise ConfigError(
-                f"world size {world_size} is not divisible by tensor_model_parallel_size "
-                f"{self.tensor_model_parallel_size} x pipeline_model_parallel_size "
-                f"{self.pipeline_model_parallel_size} = {model_parallel}"
-            )
-        return world_size // model_parallel
-
     def parallel_layout(self):
         """The :class:`megatron_multilora.platform.ParallelLayout` of this run."""
         from megatron_multilora.platform import ParallelLayout

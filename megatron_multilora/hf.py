@@ -483,9 +483,7 @@ def import_hf(
     from . import model as model_lib
 
     log = log or (lambda _msg: None)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
+    out_dir = checkpointing.require_empty_dir(out_dir)
     hf_config = read_hf_config(hf_dir)
     notes: list[str] = []
     mc = model_config_from_hf(hf_config, params_dtype=params_dtype, notes=notes)

@@ -275,20 +275,14 @@ def write_peft_dir(directory: str | Path, state: Mapping[str, torch.Tensor], ada
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (a new or empty directory)."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise FileExistsError(f"{directory} exists and is not empty")
+    from .checkpointing import require_empty_dir
+
+    directory = require_empty_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(dict(adapter_config), indent=2, sort_keys=True) + "\n")
     return directory
-
-
-def export_peft_dir(directory, tensors, spec, model_config, hf_architecture=None, **kw) -> Path:
-    """:func:`export_peft` then :func:`write_peft_dir`."""
-    state, config = export_peft(tensors, spec, model_config, hf_architecture, **kw)
-    return write_peft_dir(directory, state, config)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -100,15 +100,11 @@ class MultiLoRATrainer:
         from megatron.core import parallel_state as ps
 
         self.run = run
-        layout = platform.ParallelLayout(
-            run.tensor_model_parallel_size, run.pipeline_model_parallel_size,
-            run.expert_model_parallel_size, run.sequence_parallel,
-        )
         platform.initialize_model_parallel(
-            layout, seed=run.seed, timeout_seconds=60 * run.distributed_timeout_minutes,
+            run.parallel_layout(), seed=run.seed, timeout_seconds=60 * run.distributed_timeout_minutes,
             backend=run.distributed_backend,
         )
-        self.seq_length = run.seq_length or run.model.max_position_embeddings
+        self.seq_length = run.seq_length  # resolved: the model's max_position_embeddings when unset
         config = model_lib.transformer_config(
             run.model,
             tensor_model_parallel_size=run.tensor_model_parallel_size,

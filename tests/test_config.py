@@ -95,7 +95,7 @@ def test_valid_config_defaults_and_resolution(raw):
         "cosine", "kaiming", 0.9, 0.999, 1e-8, 1.0)
     assert a.decay_iters(run.train_iters) == 20 and run.seed_of(a) == run.seed == 1234
     assert b.valid_data is None and b.global_batch_size == 12
-    assert run.data_parallel_size(2) == 2
+    assert run.parallel_layout().data_parallel_size(2) == 2
     assert run.distributed_backend is None and run.tokenizer is None
 
 

@@ -365,3 +365,20 @@ def test_per_expert_adapters_import_like_packed_ones(results):
     config = {**config, "target_parameters": None, "target_modules": config["target_modules"] + ["w1", "w2", "w3"]}
     spec2, tensors = P.import_peft((config, per_expert), mc, MAX_RANK)
     assert spec2 == spec and _same(tensors, packed)
+
+
+def test_export_into_a_non_empty_directory_is_refused_before_any_work(tmp_path, capsys):
+    """The output directory is checked first (the tenant checkpoint here does not even exist), and what is in
+    it stays."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        import convert_checkpoint
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(tmp_path / "missing"),
+                                    "--out", str(out), "--model", "tiny-dense"]) == 2
+    assert f"{out} exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"

@@ -142,8 +142,9 @@ def add_export_peft(subparsers) -> None:
 
 
 def run_export_peft(args) -> int:
-    from megatron_multilora import adapter_checkpoint, peft
+    from megatron_multilora import adapter_checkpoint, checkpointing, peft
 
+    checkpointing.require_empty_dir(args.out)
     mc, arch = _model_source(args)
     spec, tensors, meta = adapter_checkpoint.read_tenant_checkpoint(args.tenant_checkpoint, with_meta=True)
     state, config = peft.export_peft(tensors, spec, mc, arch, base_model_name_or_path=args.base_model_name_or_path)
