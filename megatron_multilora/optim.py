@@ -262,6 +262,10 @@ class SlotOptimizer:
             per slot after the caller's all-reduces (the dict is in sorted group order and always
             holds every group that appears among ``params``, zeros where nothing counts locally).
             Default: sum of the values (single process).
+        grad_sq_norms: ``f(active slots, sorted) -> {group: fp32 Tensor[n_active]}`` squared norms of
+            the raw gradient rows of those slots, e.g. :meth:`lora.grads.GradBuffer.sq_norms` (a few ops
+            over flat gradient rows instead of a few per parameter).  Default: computed here from each
+            parameter's ``.grad``.
 
     Gradients are read from ``param.grad`` (a missing grad counts as zeros for a stepping slot).
     Non-fp32 parameters (bf16 / fp16) get an fp32 master copy; after a step only the stepped rows are
@@ -277,6 +281,7 @@ class SlotOptimizer:
         num_slots: int,
         *,
         grad_sq_norm_reduce: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None,
+        grad_sq_norms: Optional[Callable[[List[int]], Dict[str, torch.Tensor]]] = None,
     ) -> None:
         _check_int("num_slots", num_slots, minimum=1)
         self._num_slots = num_slots
@@ -311,6 +316,7 @@ class SlotOptimizer:
         self._hparams: List[Optional[SlotHyperParams]] = [None] * num_slots
         self._steps: List[int] = [0] * num_slots
         self._reduce = grad_sq_norm_reduce or default_grad_sq_norm_reduce
+        self._grad_sq_norms = grad_sq_norms
         #: how many contiguous runs of stepping slots may be updated through views before switching
         #: to gather / scatter; None = automatic (see _MAX_VIEW_RUNS_ACCEL).  Results are identical.
         self.max_view_runs: Optional[int] = None
@@ -547,26 +553,7 @@ class SlotOptimizer:
             return StepReport(grad_norm, lr_rep, clip_rep, skipped, stepped)
         self._resync_masters()
 
-        # ---- per-slot squared norms of the raw grads of the ACTIVE rows only (idle slots cost
-        # nothing; each row is reduced on its own, so a slot's norm never depends on which other
-        # slots are active), scaled afterwards: ||s g||^2 = s^2 ||g||^2.
-        rows = self._rows(active_idx)
-        grads: List[Optional[torch.Tensor]] = []
-        sq_by_group: Dict[str, Optional[torch.Tensor]] = {}
-        for name, p in zip(self._names, self._params):
-            g = p.grad
-            if g is not None and g.shape != p.shape:
-                raise ValueError(f"grad of {name!r} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
-            grads.append(g)
-            group = getattr(p, "norm_group", "dense")
-            if not isinstance(group, str):
-                raise TypeError(f"norm_group of {name!r} must be a string, got {group!r}")
-            sq_by_group.setdefault(group, None)
-            if g is None or getattr(p, "norm_duplicate", False):
-                continue
-            sq = _row_sq_norms(rows.take(g))  # [n_active], active order
-            acc = sq_by_group[group]
-            sq_by_group[group] = sq if acc is None else acc.add_(sq)
+        grads, sq_by_group = self._active_sq_norms(active_idx)
         active_dev = torch.tensor(active_idx, dtype=torch.long, device=self.device)
         scale_act = scale[active_idx]
         scale_sq = (scale_act * scale_act).to(device=self.device, dtype=torch.float32)
@@ -622,6 +609,34 @@ class SlotOptimizer:
         for k in idx:
             self._steps[k] += 1
         return StepReport(grad_norm, lr_rep, clip_rep, skipped, stepped)
+
+    def _active_sq_norms(self, active_idx: List[int]):
+        """The parameters' grads and ``{group: fp32 [n_active] or None}`` squared norms of the raw grads of
+        the ACTIVE rows only (idle slots cost nothing; each row is reduced on its own, so a slot's norm
+        never depends on which other slots are active), scaled later: ||s g||^2 = s^2 ||g||^2."""
+        grads: List[Optional[torch.Tensor]] = []
+        sq_by_group: Dict[str, Optional[torch.Tensor]] = {}
+        for name, p in zip(self._names, self._params):
+            g = p.grad
+            if g is not None and g.shape != p.shape:
+                raise ValueError(f"grad of {name!r} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
+            grads.append(g)
+            group = getattr(p, "norm_group", "dense")
+            if not isinstance(group, str):
+                raise TypeError(f"norm_group of {name!r} must be a string, got {group!r}")
+            sq_by_group.setdefault(group, None)
+        if self._grad_sq_norms is not None:
+            sq_by_group.update(self._grad_sq_norms(active_idx))
+            return grads, sq_by_group
+        rows = self._rows(active_idx)
+        for p, g in zip(self._params, grads):
+            if g is None or getattr(p, "norm_duplicate", False):
+                continue
+            group = getattr(p, "norm_group", "dense")
+            sq = _row_sq_norms(rows.take(g))  # [n_active], active order
+            acc = sq_by_group[group]
+            sq_by_group[group] = sq if acc is None else acc.add_(sq)
+        return grads, sq_by_group
 
     def _scratch(self) -> torch.Tensor:
         if not self._work:
@@ -680,16 +695,14 @@ class SlotOptimizer:
                     views[key].append(_rows_of(shaped[key, ps[i].dim()], pos, k))
             fac: Dict[str, ScalarOrViews] = {**factors, **views}
             # w <- grad * (grad_scale * clip_coef), in fp32 (a missing grad counts as zeros)
-            coefs = views.get("coef", [factors["coef"]] * len(bw))
-            for (i, lo, k, _), w, c in zip(group, bw, coefs):
-                g = gs[i]
-                if g is None:
+            coefs = views.get("coef", factors["coef"])
+            present = [(w, _rows_of(gs[i], lo, k)) for (i, lo, k, _), w in zip(group, bw) if gs[i] is not None]
+            for (i, _, _, _), w in zip(group, bw):
+                if gs[i] is None:
                     w.zero_()
-                elif g.dtype == torch.float32:
-                    torch.mul(_rows_of(g, lo, k), c, out=w)
-                else:
-                    w.copy_(_rows_of(g, lo, k))
-                    w.mul_(c)
+            if present:
+                torch._foreach_copy_([w for w, _ in present], [g for _, g in present])
+            torch._foreach_mul_(bw, coefs)
             _adamw_rows_(bp, bm, bv, bw, w1=fac["w1"], w2=fac["w2"], decay=fac["decay"], apply_decay=apply_decay,
                          eps_hat=fac["eps_hat"], neg_hat=fac["neg_hat"])
             for (i, lo, k, _), p in zip(group, bp):
@@ -790,8 +803,8 @@ def _adamw_rows_(
     torch._foreach_lerp_(vs, ws, w2)  # v = b2 v + (1 - b2) g^2
     if apply_decay:
         torch._foreach_mul_(ps, decay)  # decoupled weight decay: p *= 1 - lr wd
-    for v, w in zip(vs, ws):
-        torch.sqrt(v, out=w)
+    torch._foreach_copy_(ws, vs)
+    torch._foreach_sqrt_(ws)
     torch._foreach_add_(ws, eps_hat)  # sqrt(v) + eps sqrt(1 - b2^t)
     # p += m / (w / (-lr sqrt(1 - b2^t) / (1 - b1^t))).  lr == 0 gives w / -0.0 = -inf: a zero update.
     torch._foreach_div_(ws, neg_hat)

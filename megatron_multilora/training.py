@@ -120,8 +120,9 @@ class MultiLoRATrainer:
         self.table = SlotTable(run.lora.max_slots, run.lora.max_rank, tuple(run.lora.target_modules), seed=run.seed)
         inject_lora(self.model, self.table)
         self.params = [p for _, p in lora_parameters(self.model)]
+        self.grads = grad_lib.GradBuffer(self.params)
         self.optimizer = SlotOptimizer(lora_parameters(self.model), run.lora.max_slots,
-                                       grad_sq_norm_reduce=_reduce_sq_norms)
+                                       grad_sq_norm_reduce=_reduce_sq_norms, grad_sq_norms=self.grads.sq_norms)
         self.tokenizer = build_tokenizer(run.tokenizer)
         if self.tokenizer.vocab_size > run.model.vocab_size:
             raise ValueError(
@@ -261,10 +262,10 @@ class MultiLoRATrainer:
         slot_of = {name: t.slot for name, t in self.tenants.items()}
         plan = self.source.next_iteration(slot_of)
         # Only the slots routed in the previous step can hold a nonzero gradient (every rank plans alike).
-        grad_lib.zero_grads(self.params, self._slots_with_grads)
+        self.grads.zero(self._slots_with_grads)
         self._slots_with_grads = set(slot_of[name] for name in plan.tenants)
         loss_sum, tokens = self._run_micro_batches(plan.micro_batches, forward_only=False)
-        grad_lib.sync_grads(self.params)
+        self.grads.sync(self._slots_with_grads)
         active = torch.zeros(self.run.lora.max_slots, dtype=torch.bool)
         for name in plan.tenants:
             active[slot_of[name]] = tokens[slot_of[name]] > 0

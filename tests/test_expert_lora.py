@@ -27,7 +27,8 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False,
     if starve:
         _route_around(gpt, starve)
     params = [p for _, p in lora_parameters(gpt)]
-    grad_lib.zero_grads(params)
+    grads = grad_lib.GradBuffer(params)
+    grads.zero()
     tokens, labels, slots = W.batch(N_SAMPLES)
     if only_slot is not None:  # the same tenant's samples, alone (the others' samples removed)
         keep = slots == only_slot
@@ -41,7 +42,7 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False,
             before_forward=lambda b: b["routing"].activate(),
             after_forward=lambda b, out: b["routing"].bind_to_backward(out),
         )
-    grad_lib.sync_grads(params)
+    grads.sync(sorted(set(slots.tolist()) - {-1}))  # the step's slots, as the trainer does
     return dict(grads=W.gathered_grads(table), violations=watcher.violations if watcher else [],
                 self_check=watcher.self_check() if watcher else None)
 

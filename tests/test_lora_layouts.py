@@ -23,9 +23,11 @@ def _run(layout, base_dir, recompute=False):
 
     gpt, table = W.build("tiny-dense", layout, base_dir, TARGETS, recompute=recompute)
     params = [p for _, p in lora_parameters(gpt)]
-    grad_lib.zero_grads(params)
+    grads = grad_lib.GradBuffer(params)
+    grads.zero()
     dp_rank = ps.get_data_parallel_rank()
-    batches = W.micro_batches(*W.batch(N_SAMPLES), table, MBS)
+    tokens, labels, slots = W.batch(N_SAMPLES)
+    batches = W.micro_batches(tokens, labels, slots, table, MBS)
     losses = []
 
     def after_forward(batch, output):
@@ -37,7 +39,7 @@ def _run(layout, base_dir, recompute=False):
         [gpt], batches, num_micro_batches=len(batches), seq_length=W.SEQ, micro_batch_size=MBS,
         before_forward=lambda b: b["routing"].activate(), after_forward=after_forward,
     )
-    grad_lib.sync_grads(params)
+    grads.sync(sorted(set(slots.tolist()) - {-1}))  # the step's slots, as the trainer does
     base_grads = [p.grad for n, p in gpt.named_parameters() if not getattr(p, "lora_param", False)]
     return dict(
         dp_rank=dp_rank,

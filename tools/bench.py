@@ -189,12 +189,14 @@ def row(shape, measure, value, goal=None, lower_is_better=True, **extra):
 # Building models and layers
 # ------------------------------------------------------------------------------------------------------------
 class World:
-    """A GPT model with slot-indexed LoRA, its slot table, LoRA parameters and SlotOptimizer."""
+    """A GPT model with slot-indexed LoRA, its slot table, LoRA parameters, their GradBuffer and
+    SlotOptimizer, wired as MultiLoRATrainer wires them."""
 
     def __init__(self, bench, spec, max_slots, max_rank, targets, tenants):
         from megatron_multilora import model as M
         from megatron_multilora import platform
         from megatron_multilora.config import model_config_from
+        from megatron_multilora.lora.grads import GradBuffer
         from megatron_multilora.lora.inject import inject_lora, lora_parameters
         from megatron_multilora.lora.slots import LoRASpec, SlotTable
         from megatron_multilora.optim import LRSchedule, SlotHyperParams, SlotOptimizer
@@ -209,7 +211,8 @@ class World:
         inject_lora(self.gpt, self.table)
         self.named = lora_parameters(self.gpt)
         self.params = [p for _, p in self.named]
-        self.opt = SlotOptimizer(self.named, max_slots)
+        self.grads = GradBuffer(self.params)
+        self.opt = SlotOptimizer(self.named, max_slots, grad_sq_norms=self.grads.sq_norms)
         self.max_slots = max_slots
         self.device = bench.device
         for k in range(tenants):
@@ -245,8 +248,6 @@ class World:
         """A full training step like MultiLoRATrainer.train_step: zero grads, forward/backward, grad sync,
         per-slot AdamW over the slots of `slots` with 1 / (their token count) as grad scale. zero_rows: zero
         only these slots' gradient rows (a tenant trained alone on a shared model)."""
-        from megatron_multilora.lora import grads as grad_lib
-
         routing = self.routing(slots)
         seq = tokens.shape[1]
         count = torch.zeros(self.max_slots, dtype=torch.float64)
@@ -260,23 +261,23 @@ class World:
         # zeroed; zero_rows overrides them.
         rows = [s for s in range(self.max_slots) if active[s]] if zero_rows is None else list(zero_rows)
 
+        stepping = [s for s in range(self.max_slots) if active[s]]
+
         def fn():
-            grad_lib.zero_grads(self.params, rows)
+            self.grads.zero(rows)
             self.forward_backward(tokens, labels, routing)
-            grad_lib.sync_grads(self.params)
+            self.grads.sync(stepping)
             self.opt.step(scale, active)
 
         return fn
 
     def fwd_bwd_fn(self, slots, tokens, labels):
         """Forward/backward with the gradient rows of the batch's slots zeroed first (as the trainer does)."""
-        from megatron_multilora.lora import grads as grad_lib
-
         routing = self.routing(slots)
         rows = sorted({s for s in slots if s >= 0})
 
         def fn():
-            grad_lib.zero_grads(self.params, rows)
+            self.grads.zero(rows)
             self.forward_backward(tokens, labels, routing)
 
         return fn
@@ -306,6 +307,7 @@ class LayerWorld:
 
         from megatron_multilora import model as M
         from megatron_multilora.config import model_config_from
+        from megatron_multilora.lora.grads import GradBuffer
         from megatron_multilora.lora.linear import lora_class
         from megatron_multilora.lora.slots import SlotTable
 
@@ -323,6 +325,7 @@ class LayerWorld:
             lin.lora_A.normal_(0, d_in ** -0.5)
             lin.lora_B.normal_(0, 0.01)
         self.lin, self.max_slots, self.max_rank, self.device = lin, max_slots, max_rank, bench.device
+        self.grads = GradBuffer([lin.lora_A, lin.lora_B])
 
     def routing(self, ranks: list[int], samples: int):
         """A routing of `samples` samples over len(ranks) tenants (slots 0..), tenant k of rank ranks[k];
@@ -337,11 +340,10 @@ class LayerWorld:
         return AdapterRouting(slots, table)
 
     def fn(self, routing, x, grad):
-        lin = self.lin
+        lin, rows = self.lin, sorted(set(routing.sample_slots.tolist()) - {-1})
 
         def run():
-            lin.lora_A.grad = None
-            lin.lora_B.grad = None
+            self.grads.zero(rows)
             xi = x.detach().requires_grad_(True)
             with routing.active():
                 y, _ = lin(xi)
@@ -547,6 +549,7 @@ class Bench:
 
     # ---- case 7 ---------------------------------------------------------------------------------------
     def case7(self, shape: Shape):
+        from megatron_multilora.lora.grads import GradBuffer
         from megatron_multilora.optim import LRSchedule, SlotHyperParams, SlotOptimizer
 
         w = self.world(shape, 32)  # real LoRA parameter shapes of the shape's dense model
@@ -554,9 +557,11 @@ class Bench:
             g = torch.Generator().manual_seed(4)
             params = [torch.nn.Parameter(torch.randn((slots,) + tuple(p.shape[1:]), generator=g).to(self.device))
                       for p in w.params]
+            grads = GradBuffer(params)  # as the trainer keeps them (both optimizers read these grads)
             for p in params:
-                p.grad = torch.randn(p.shape, generator=g).to(self.device) * 1e-3
-            slot_opt = SlotOptimizer([(f"p{i}", p) for i, p in enumerate(params)], slots)
+                p.grad.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+            slot_opt = SlotOptimizer([(f"p{i}", p) for i, p in enumerate(params)], slots,
+                                     grad_sq_norms=grads.sq_norms)
             for k in range(slots):
                 slot_opt.configure_slot(k, SlotHyperParams(LRSchedule(lr=1e-4 * (1 + k % 7)), weight_decay=0.01,
                                                            clip_grad=1.0))
@@ -594,9 +599,10 @@ class Bench:
         def layer_fn(w, mlp, h, slots):
             routing = w.routing(slots)
 
+            rows = sorted({s for s in slots if s >= 0})
+
             def fn():
-                for p in w.params:
-                    p.grad = None
+                w.grads.zero(rows)
                 hi = h.detach().requires_grad_(True)
                 with routing.active():
                     out, _ = mlp(hi)

@@ -3,9 +3,11 @@
 Each local expert's fc1 / fc2 carries its own slot-indexed A and B (only this EP rank's experts, so the expert
 axis is sharded across EP ranks like the experts themselves); the math is the dense one (ops.py). The slot of
 every token follows it through the token dispatcher: the dispatcher gathers and permutes an int slot-id vector
-exactly as it gathers and permutes the tokens. The experts wrapper then sorts its tokens by (expert, slot), so
-every expert sees its tokens grouped by slot, runs the base experts with per-expert segments, and restores the
-order. No per-expert delta-W is ever formed. Both of megatron's token dispatchers are followed: allgather
+exactly as it gathers and permutes the tokens, and every expert must see its tokens grouped by slot (its
+segments). The allgather dispatcher's own permutation is made to take each expert's tokens in slot order, which
+costs nothing extra; after the alltoall dispatcher (whose chunks from several ranks interleave slots) the
+experts wrapper sorts the tokens by (expert, slot) around the base call and restores their order. No
+per-expert delta-W is ever formed. Both of megatron's token dispatchers are followed: allgather
 (all-gather over TP x EP) and alltoall (all-to-all over EP with the tokens' own split sizes, then the TP
 all-gather and the sort by local expert). All of it happens inside the MoE layer's forward, so activation
 recompute and pipeline schedules replay it from the micro-batch's own routing.
@@ -46,9 +48,26 @@ class SlotTrackingAllGatherDispatcher:
         return super().token_dispatch(hidden_states, probs)
 
     def dispatch_postprocess(self, hidden_states, probs):
-        out = super().dispatch_postprocess(hidden_states, probs)
-        self.lora_permuted_slots = self.lora_token_slots[self.reversed_local_input_permutation_mapping]
-        return out
+        slots = self.lora_token_slots
+        if not bool((slots != routing_lib.NO_ADAPTER).any()):
+            out = super().dispatch_postprocess(hidden_states, probs)
+            self.lora_permuted_slots = slots[self.reversed_local_input_permutation_mapping]
+            return out
+        # megatron's (unfused) permutation with one change: each expert takes its tokens in slot order rather
+        # than token order, so the experts find them grouped by slot and need no sort of their own. The
+        # combine (unpermute) scatters through the same mapping, so any order within an expert is exact.
+        self.hidden_shape_before_permute = hidden_states.shape
+        local = slice(self.local_expert_indices[0], self.local_expert_indices[-1] + 1)
+        self.local_map = self.routing_map[:, local].contiguous()
+        by_slot = torch.argsort(slots, stable=True)
+        expert_map = self.local_map[by_slot].T  # [local experts, tokens in slot order]
+        mapping = by_slot.expand(expert_map.shape[0], -1).masked_select(expert_map)
+        self.reversed_local_input_permutation_mapping = mapping
+        self.local_probs = probs[by_slot, local].T.masked_select(expert_map)
+        self.routing_map = None
+        self.lora_permuted_slots = slots[mapping]
+        tokens_per_expert = self.local_map.sum(dim=0).long().cpu()
+        return hidden_states.index_select(0, mapping), tokens_per_expert, self.local_probs
 
 
 class SlotTrackingAlltoAllDispatcher:
@@ -95,26 +114,39 @@ class SlotLoRASequentialMLP:
         counts = tokens_per_expert.tolist()
         expert_of = torch.repeat_interleave(torch.arange(len(counts), device=slots.device),
                                             torch.as_tensor(counts, device=slots.device))
-        order = torch.argsort(expert_of * (slots.max() + 2) + (slots + 1), stable=True)
-        sorted_slots = slots[order]
-        start = 0
-        for expert, count in zip(self.local_experts, counts):
-            expert_slots = sorted_slots[start:start + count]
-            for linear in (expert.linear_fc1, expert.linear_fc2):
-                if hasattr(linear, "lora_kind"):
-                    linear.lora_token_segments = routing.token_segments(linear.lora_kind, expert_slots)
-            start += count
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
+        width = int(slots.max()) + 2
+        keys = expert_of * width + (slots + 1)
+        order = None
+        if not bool((keys[1:] >= keys[:-1]).all()):  # not grouped by (expert, slot) yet (alltoall dispatcher)
+            order = torch.argsort(keys, stable=True)
+            keys = keys[order]
+        self._set_segments(routing, keys, width)
         try:
+            if order is None:
+                return super().forward(permuted_hidden, tokens_per_expert, permuted_probs)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
             out, bias = super().forward(ops.permute_rows(permuted_hidden, order, inverse), tokens_per_expert,
                                         permuted_probs[order])
+            return ops.permute_rows(out, inverse, order), bias
         finally:
-            for expert in self.local_experts:
-                for linear in (expert.linear_fc1, expert.linear_fc2):
-                    if hasattr(linear, "lora_kind"):
-                        linear.lora_token_segments = None
-        return ops.permute_rows(out, inverse, order), bias
+            for linear in self._lora_linears():
+                linear.lora_token_segments = None
+
+    def _lora_linears(self):
+        return [lin for e in self.local_experts for lin in (e.linear_fc1, e.linear_fc2) if hasattr(lin, "lora_kind")]
+
+    def _set_segments(self, routing, sorted_keys: torch.Tensor, width: int) -> None:
+        """Give every expert linear its token segments from the layer's (expert, slot) keys, sorted (one pass
+        over the keys for the whole layer)."""
+        values, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+        runs: list[list[tuple[int, int]]] = [[] for _ in self.local_experts]
+        for key, count in zip(values.tolist(), counts.tolist()):
+            runs[key // width].append((key % width - 1, count))
+        for expert, slot_counts in zip(self.local_experts, runs):
+            for linear in (expert.linear_fc1, expert.linear_fc2):
+                if hasattr(linear, "lora_kind"):
+                    linear.lora_token_segments = routing.token_segments(linear.lora_kind, slot_counts)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}

@@ -47,11 +47,10 @@ class AdapterRouting:
     def segments(self, kind: str) -> list[Segment]:
         return self._segments.get(kind, [])
 
-    def token_segments(self, kind: str, sorted_slots: torch.Tensor) -> list[Segment]:
-        """Segments of a token list already sorted by slot (tokens routed to one expert)."""
-        values, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+    def token_segments(self, kind: str, slot_counts) -> list[Segment]:
+        """Segments of one expert's tokens, given as (slot, count) runs in token order."""
         segments, start = [], 0
-        for slot, count in zip(values.tolist(), counts.tolist()):
+        for slot, count in slot_counts:
             entry = self._slot_specs.get(slot)
             if entry is not None and kind in entry[1]:
                 spec = entry[0]
