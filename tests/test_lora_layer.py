@@ -331,8 +331,11 @@ def test_batched_runs_match_per_tenant_reference(case):
     a_w.grad, b_w.grad = torch.full_like(a_w, sentinel), torch.full_like(b_w, sentinel)
     seen = []
     xi = x.clone().requires_grad_(True)
-    delta = ops.lora_delta(xi, a_w, b_w, segments, middle=lambda h: seen.append(h.detach().clone()) or h)
-    (delta * gy).sum().backward()
+    base = torch.randn(seq, n, d_out, generator=gen, requires_grad=True)  # the base linear's output
+    y = ops.lora_add(base * 1.0, xi, a_w, b_w, segments, middle=lambda h: seen.append(h.detach().clone()) or h)
+    (y * gy).sum().backward()
+    delta = (y - base).detach()
+    assert torch.equal(base.grad, gy), "the base output's gradient must pass through untouched"
 
     ref_delta, ref_dx, ref_da, ref_db, ref_h = _ops_reference(x, segs, a_w, b_w, gy)
     assert _rel(seen[0], ref_h) <= TOL, "the packed h layout (what tensor parallelism communicates) changed"

@@ -135,11 +135,8 @@ class SlotLoRALinear:
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
         segments = self._lora_segments()
-        if segments:
-            if input_.dim() == 2:  # expert tokens [T, in]: one "sequence" of T rows
-                output = output + self.lora_delta(input_.unsqueeze(0), segments).squeeze(0)
-            else:
-                output = output + self.lora_delta(input_, segments)
+        if segments:  # (expert tokens [T, in] are one "sequence" of T rows)
+            output = ops.lora_add(output, input_, self.lora_A, self.lora_B, segments, self._middle, self.training)
         return output, bias
 
     def _lora_segments(self):
@@ -149,9 +146,6 @@ class SlotLoRALinear:
             return []
         routing = routing_lib.current()
         return routing.segments(self.lora_kind) if routing is not None else []
-
-    def lora_delta(self, x: torch.Tensor, segments) -> torch.Tensor:
-        return ops.lora_delta(x, self.lora_A, self.lora_B, segments, self._middle, self.training)
 
     def _middle(self, h: torch.Tensor) -> torch.Tensor:
         """The tensor-parallel communication of the packed rank-sized h (see the module docstring)."""

@@ -5,7 +5,7 @@ the first r_k rows / columns of the slot's max-rank weights ("sliced to rank"). 
 autograd functions so tensor parallelism can communicate the small rank-sized middle tensor between them:
 
     shrink:  x [L, N, in]  --A-->  h packed [L, sum_k n_k r_k]     (one block per segment)
-    expand:  h packed      --B-->  y [L, N, out]                   (zeros where no slot targets the layer)
+    expand:  h packed      --B-->  y [L, N, out] += the delta      (in place on the base output)
 
 Rows of one slot are contiguous along N ("segments"), so each slot's product is a dense matmul proportional to
 its rank; a per-token gather of A/B is ~10x slower (REFERENCE.md section 1).
@@ -112,16 +112,18 @@ def _batched(rows: torch.Tensor, count: int, copy: bool = True) -> torch.Tensor 
     return rows.view(seq, count, n, d).transpose(0, 1).contiguous().view(count, seq * n, d) if copy else None
 
 
-def _mm_into(rows: torch.Tensor, count: int, a, b, alpha: float = 1.0) -> None:
-    """rows [L, G * n, d] <- alpha * (a @ b) for a, b batched over the G segments ([G, L * n, d] product):
-    written in place when the rows allow a view, else through one temporary."""
+def _mm_into(rows: torch.Tensor, count: int, a, b, alpha: float = 1.0, add: bool = False) -> None:
+    """rows [L, G * n, d] <- alpha * (a @ b) (`add`: rows += ...) for a, b batched over the G segments
+    ([G, L * n, d] product): in place when the rows allow a view, else through one temporary."""
     dest = _batched(rows, count, copy=False)
     if dest is not None:
-        dest.baddbmm_(a, b, beta=0, alpha=alpha)
+        dest.baddbmm_(a, b, beta=1 if add else 0, alpha=alpha)
         return
     seq, m, d = rows.shape
     product = rows.new_empty(count, seq * (m // count), d).baddbmm_(a, b, beta=0, alpha=alpha)
-    rows.view(seq, count, m // count, d).copy_(product.view(count, seq, -1, d).transpose(0, 1))
+    product = product.view(count, seq, -1, d).transpose(0, 1)
+    target = rows.view(seq, count, m // count, d)
+    target.add_(product) if add else target.copy_(product)
 
 
 def _cols(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -193,30 +195,34 @@ class _Shrink(torch.autograd.Function):
         return grad_x, None, None
 
 
-class _Expand(torch.autograd.Function):
+class _ExpandAdd(torch.autograd.Function):
+    """out += expand(h), in place: the delta is never a tensor of its own (no hidden-sized allocation, no
+    extra pass to add it), and out's gradient passes through untouched."""
+
     @staticmethod
-    def forward(ctx, h, weight_b, runs, n_rows):
+    def forward(ctx, out, h, weight_b, runs):
         rows = [_batched(_h_rows(h, r), r.count) for r in runs]
         weights = [_weights(weight_b, r, r.b_index) for r in runs]
         ctx.save_for_backward(*rows)
         ctx.runs, ctx.param, ctx.weights = runs, weight_b, weights
-        out = h.new_empty(h.shape[0], n_rows, weight_b.shape[1])
-        _zero_uncovered(out, runs)
+        rows_out = out if out.dim() == 3 else out.unsqueeze(0)  # expert tokens [T, out]: one sequence
         for r, hs, b in zip(runs, rows, weights):
             # the slot's scale on the rank-sized product (matmul alpha), not on the hidden-sized output
-            _mm_into(_cols(out, r.start, r.end), r.count, hs, b.mT, r.scale)
+            _mm_into(_cols(rows_out, r.start, r.end), r.count, hs, b.mT, r.scale, add=True)
+        ctx.mark_dirty(out)
         return out
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_out):
         runs = ctx.runs
+        grad_y = grad_out if grad_out.dim() == 3 else grad_out.unsqueeze(0)
         grad_h = grad_y.new_empty(grad_y.shape[0], sum(r.width for r in runs))
         for r, hs, b in zip(runs, ctx.saved_tensors, ctx.weights):
             gy = _batched(_cols(grad_y, r.start, r.end), r.count)
             # the slot's scale on the rank-sized products, not on the hidden-sized gradient
             _mm_into(_h_rows(grad_h, r), r.count, gy, b, r.scale)
             _accumulate(ctx.param, r, r.b_index, gy.mT, hs, r.scale)
-        return grad_h, None, None, None
+        return grad_out, grad_h, None, None
 
 
 def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool) -> torch.Tensor:
@@ -230,12 +236,17 @@ def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool) ->
     return out
 
 
-def lora_delta(x, weight_a, weight_b, segments, middle=lambda h: h, training=False):
-    """The whole delta for x [L, N, in] (weight_a [slots, max_rank, in], weight_b [slots, out, max_rank]);
-    `middle` is the tensor-parallel communication of the packed h [L, sum n_k r_k] (identity on one rank)."""
+def lora_add(out, x, weight_a, weight_b, segments, middle=lambda h: h, training=False):
+    """out + the whole LoRA delta of x [L, N, in] (or expert tokens [T, in] with out [T, out]), added into out
+    in place (weight_a [slots, max_rank, in], weight_b [slots, out, max_rank]); rows no segment covers keep
+    out's values. `middle` is the tensor-parallel communication of the packed h [L, sum n_k r_k] (identity
+    on one rank)."""
     runs = _runs(segments)
+    x = x if x.dim() == 3 else x.unsqueeze(0)
     h = _Shrink.apply(segment_dropout(x, segments, training), weight_a, runs)
-    return _Expand.apply(middle(h), weight_b, runs, x.shape[1])
+    if out._base is not None:  # autograd forbids writing into a view (megatron's reductions return their input)
+        out = out.clone()
+    return _ExpandAdd.apply(out, middle(h), weight_b, runs)
 
 
 class _Permute(torch.autograd.Function):
