@@ -746,7 +746,7 @@ class _Rows:
 
     def __init__(self, idx: List[int], device: torch.device, max_runs: int) -> None:
         self.idx = idx
-        self.runs = _contiguous_runs(idx)
+        self.runs = slot_runs(idx)
         self.index = None
         if len(self.runs) > max_runs:
             self.index = torch.tensor(idx, dtype=torch.long, device=device)
@@ -770,7 +770,7 @@ def _row_sq_norms(blocks: List[torch.Tensor]) -> torch.Tensor:
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def _contiguous_runs(idx: List[int]) -> List[Tuple[int, int]]:
+def slot_runs(idx: List[int]) -> List[Tuple[int, int]]:
     """Sorted slot indices -> [(start, length)] of maximal contiguous runs."""
     runs: List[Tuple[int, int]] = []
     for k in idx:

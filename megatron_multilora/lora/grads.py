@@ -12,20 +12,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..optim import slot_runs
+
 
 def _norm_group(p) -> str:
     return getattr(p, "norm_group", "dense")
-
-
-def _runs(slots: list[int]) -> list[tuple[int, int]]:
-    """Sorted slots -> [(first, count)] of maximal runs of consecutive slots."""
-    runs: list[tuple[int, int]] = []
-    for k in slots:
-        if runs and sum(runs[-1]) == k:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((k, 1))
-    return runs
 
 
 class _Flat:
@@ -72,7 +63,7 @@ class _Flat:
         """Sum rows `slots` (columns `cols`, default all) over `group`: one collective, in place when the
         rows and columns form one contiguous block."""
         lo, hi = cols if cols is not None else (0, self.buffer.shape[1])
-        runs = _runs(slots)
+        runs = slot_runs(slots)
         whole = lo == 0 and hi == self.buffer.shape[1]
         if len(runs) == 1 and whole:
             dist.all_reduce(self.buffer.narrow(0, *runs[0]), group=group)
@@ -99,7 +90,6 @@ class GradBuffer:
         for p in params:
             keys.setdefault((_norm_group(p), p.dtype), []).append(p)
         self.flats = [_Flat(ps, group) for (group, _), ps in keys.items()]
-        self.norm_groups = sorted({_norm_group(p) for p in params})
 
     def zero(self, slots=None) -> None:
         """Zero the rows of `slots` (the slots that had samples in the last step -- the only rows that can be
@@ -109,7 +99,7 @@ class GradBuffer:
             if slots is None:
                 flat.buffer.zero_()
             else:
-                for first, count in _runs(sorted(slots)):
+                for first, count in slot_runs(sorted(slots)):
                     flat.buffer.narrow(0, first, count).zero_()
 
     def sync(self, slots) -> None:
@@ -137,13 +127,13 @@ class GradBuffer:
         out: dict[str, torch.Tensor] = {}
         for flat in self.flats:
             flat.check()
-            parts = []
-            for first, count in _runs(slots):
+            sq = torch.zeros(len(slots), dtype=torch.float32, device=flat.buffer.device)
+            at = 0
+            for first, count in slot_runs(slots):
                 rows = flat.buffer.narrow(0, first, count)
-                sq = torch.zeros(count, dtype=torch.float32, device=rows.device)
                 for lo, hi in flat.norm_cols:
-                    sq += torch.linalg.vector_norm(rows[:, lo:hi], 2, dim=1, dtype=torch.float32).square()
-                parts.append(sq)
-            sq = torch.cat(parts) if len(parts) > 1 else parts[0]
-            out[flat.norm_group] = sq if flat.norm_group not in out else out[flat.norm_group] + sq
+                    norm = torch.linalg.vector_norm(rows[:, lo:hi], 2, dim=1, dtype=torch.float32)
+                    sq[at:at + count] += norm.square()
+                at += count
+            out[flat.norm_group] = out[flat.norm_group] + sq if flat.norm_group in out else sq
         return out
