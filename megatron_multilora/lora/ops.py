@@ -110,6 +110,8 @@ def _batched(rows: torch.Tensor, count: int, copy: bool = True) -> torch.Tensor 
     block): a view when L == 1 or the rows are one [L * n, d] matrix, else a contiguous copy (None if `copy`
     is False)."""
     seq, m, d = rows.shape
+    if seq == 1 and count == 1:  # one segment of expert tokens: already [1, n, d]
+        return rows
     n = m // count
     if seq == 1 or (count == 1 and rows.stride(0) == m * rows.stride(1)):
         return rows.view(count, seq * n, d)
