@@ -301,9 +301,19 @@ class SlotOptimizer:
                 )
             if p.dtype not in _SUPPORTED_DTYPES:
                 raise TypeError(f"parameter {name!r} has dtype {p.dtype}; supported: {_SUPPORTED_DTYPES}")
+            if p.numel() and not p[0].is_contiguous():
+                raise ValueError(f"parameter {name!r}: each slot's row must be contiguous (updated as one row)")
+        # Both moments live in flat fp32 [S, width] buffers, parameter i in columns cols[i] (slot k's state of
+        # every parameter is row k), so the step's elementwise passes are a few ops over whole rows instead of
+        # a few per parameter; _exp_avg[i] / _exp_avg_sq[i] are parameter-shaped views of them.
+        widths = [p[0].numel() for p in self._params]
+        self._cols: List[Tuple[int, int]] = [(sum(widths[:i]), w) for i, w in enumerate(widths)]
         with torch.no_grad():
-            self._exp_avg = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in self._params]
-            self._exp_avg_sq = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in self._params]
+            self._moments = [torch.zeros(num_slots, sum(widths), dtype=torch.float32, device=self.device)
+                             for _ in range(2)]
+            self._exp_avg, self._exp_avg_sq = [[flat[:, c:c + w].view(p.shape)
+                                                for p, (c, w) in zip(self._params, self._cols)]
+                                               for flat in self._moments]
             self._master: List[Optional[torch.Tensor]] = [
                 None if p.dtype == torch.float32 else p.detach().to(torch.float32, copy=True)
                 for p in self._params
@@ -648,66 +658,83 @@ class SlotOptimizer:
                 apply_decay: bool) -> None:
         """AdamW on the rows of the stepping slots: in place through views of each contiguous run, or
         on gathered copies that are scattered back (only stepping rows are ever written)."""
-        fp32 = [p.detach() if m is None else m for p, m in zip(self._params, self._master)]
+        # every tensor as [slots, elements per slot] (the parameters' rows are contiguous: checked at init)
+        fp32 = [_slot_rows(p.detach() if m is None else m) for p, m in zip(self._params, self._master)]
+        gs = [None if g is None else g.reshape(g.shape[0], -1) for g in grads]  # read only: a copy would do
         if rows.index is None:
-            low = [None if m is None else p.detach() for p, m in zip(self._params, self._master)]
-            self._adamw_groups(fp32, self._exp_avg, self._exp_avg_sq, grads, low, rows.runs, factors,
-                               apply_decay=apply_decay)
+            low = [None if m is None else _slot_rows(p.detach()) for p, m in zip(self._params, self._master)]
+            self._adamw_groups(fp32, *self._moments, gs, low, rows.runs, factors, apply_decay=apply_decay)
         else:
             index = rows.index
             ps = [t.index_select(0, index) for t in fp32]
-            ms = [t.index_select(0, index) for t in self._exp_avg]
-            vs = [t.index_select(0, index) for t in self._exp_avg_sq]
-            gs = [None if g is None else g.index_select(0, index) for g in grads]
-            self._adamw_groups(ps, ms, vs, gs, [None] * len(ps), [(0, len(rows.idx))], factors,
+            m, v = (t.index_select(0, index) for t in self._moments)
+            gs = [None if g is None else g.index_select(0, index) for g in gs]
+            self._adamw_groups(ps, m, v, gs, [None] * len(ps), [(0, len(rows.idx))], factors,
                                apply_decay=apply_decay)
+            self._moments[0].index_copy_(0, index, m)
+            self._moments[1].index_copy_(0, index, v)
             for i, p in enumerate(self._params):
-                self._exp_avg[i].index_copy_(0, index, ms[i])
-                self._exp_avg_sq[i].index_copy_(0, index, vs[i])
                 if self._master[i] is not None:
-                    self._master[i].index_copy_(0, index, ps[i])
-                p.detach().index_copy_(0, index, ps[i].to(p.dtype))
+                    _slot_rows(self._master[i]).index_copy_(0, index, ps[i])
+                _slot_rows(p.detach()).index_copy_(0, index, ps[i].to(p.dtype))
         for i, p in enumerate(self._params):
             self._master_version[i] = p._version
 
-    def _adamw_groups(self, ps, ms, vs, gs, low, runs: List[Tuple[int, int]], factors, *,
+    def _adamw_groups(self, ps, m, v, gs, low, runs: List[Tuple[int, int]], factors, *,
                       apply_decay: bool) -> None:
-        """:func:`_adamw_rows_` on the rows ``runs`` of the fp32 ``ps`` / ``ms`` / ``vs`` (the j-th of
-        all those rows belongs to the j-th stepping slot), one group of row blocks at a time (see
-        :func:`_row_groups`).  ``low[i]``: the bf16 / fp16 parameter of master ``ps[i]`` (or None),
-        which gets the new rows while they are still in cache."""
-        per_row = [key for key, f in factors.items() if isinstance(f, torch.Tensor)]
-        # an [n] per-slot factor -> [n, 1, ..., 1], of which each block takes its k rows
-        shaped = {(key, nd): factors[key].view((-1,) + (1,) * (nd - 1))
-                  for key in per_row for nd in {p.dim() for p in ps}}
+        """:func:`_adamw_rows_` on the rows ``runs`` of the fp32 ``ps`` / grads ``gs`` ([rows, elements per
+        slot]) and of the flat moments ``m`` / ``v`` ([rows, width], parameter i in columns ``self._cols[i]``);
+        the j-th of all those rows belongs to the j-th stepping slot.  One group of row blocks at a time (see
+        :func:`_row_groups`); adjacent parameters' blocks over the same rows form one [k, columns] segment of
+        the moments and the scratch, so only the passes that touch the parameters go parameter by parameter.
+        ``low[i]``: the bf16 / fp16 parameter of master ``ps[i]`` (or None), which gets the new rows while
+        they are still in cache."""
+        per_row = {key: f.view(-1, 1) for key, f in factors.items() if isinstance(f, torch.Tensor)}  # [n, 1]
         scratch = self._scratch()
-        for group in _row_groups([p[0].numel() for p in ps], runs, self._block_numel()):
-            bp, bm, bv, bw = [], [], [], []
-            views: Dict[str, List[torch.Tensor]] = {key: [] for key in per_row}
-            used = 0
+        for group in _row_groups([p.shape[1] for p in ps], runs, self._block_numel()):
+            segments: List[list] = []  # [first row, rows, first stepping slot, first col, end col, widths]
             for i, lo, k, pos in group:
-                bp.append(_rows_of(ps[i], lo, k))
-                bm.append(_rows_of(ms[i], lo, k))
-                bv.append(_rows_of(vs[i], lo, k))
-                bw.append(scratch.narrow(0, used, bp[-1].numel()).view(bp[-1].shape))
-                used += bw[-1].numel()
-                for key in per_row:
-                    views[key].append(_rows_of(shaped[key, ps[i].dim()], pos, k))
-            fac: Dict[str, ScalarOrViews] = {**factors, **views}
+                c, width = self._cols[i]
+                last = segments[-1] if segments else None
+                if last is not None and (last[0], last[1], last[4]) == (lo, k, c):
+                    last[4] = c + width
+                    last[5].append(width)
+                else:
+                    segments.append([lo, k, pos, c, c + width, [width]])
+            seg_m, seg_v, seg_w, block_m, block_w = [], [], [], [], []
+            used = 0
+            for lo, k, _, c0, c1, widths in segments:
+                w = scratch.narrow(0, used, k * (c1 - c0)).view(k, c1 - c0)
+                used += w.numel()
+                seg_m.append(m[lo:lo + k, c0:c1])
+                seg_v.append(v[lo:lo + k, c0:c1])
+                seg_w.append(w)
+                block_m += seg_m[-1].split(widths, dim=1)
+                block_w += w.split(widths, dim=1)
+            bp = [_rows_of(ps[i], lo, k) for i, lo, k, _ in group]
+            fac: Dict[str, ScalarOrViews] = dict(factors)
+            fac.update({key: [f.narrow(0, pos, k) for _, k, pos, *_ in segments] for key, f in per_row.items()})
+            if "decay" in per_row:  # the one factor applied to the parameter blocks (one view per row range)
+                decay = {(pos, k): per_row["decay"].narrow(0, pos, k) for _, _, k, pos in group}
+                fac["decay"] = [decay[pos, k] for _, _, k, pos in group]
             # w <- grad * (grad_scale * clip_coef), in fp32 (a missing grad counts as zeros)
-            coefs = views.get("coef", factors["coef"])
-            present = [(w, _rows_of(gs[i], lo, k)) for (i, lo, k, _), w in zip(group, bw) if gs[i] is not None]
-            for (i, _, _, _), w in zip(group, bw):
+            present = [(w, _rows_of(gs[i], lo, k)) for w, (i, lo, k, _) in zip(block_w, group) if gs[i] is not None]
+            for w, (i, _, _, _) in zip(block_w, group):
                 if gs[i] is None:
                     w.zero_()
             if present:
                 torch._foreach_copy_([w for w, _ in present], [g for _, g in present])
-            torch._foreach_mul_(bw, coefs)
-            _adamw_rows_(bp, bm, bv, bw, w1=fac["w1"], w2=fac["w2"], decay=fac["decay"], apply_decay=apply_decay,
-                         eps_hat=fac["eps_hat"], neg_hat=fac["neg_hat"])
+            torch._foreach_mul_(seg_w, fac["coef"])
+            _adamw_rows_(seg_m, seg_v, seg_w, bp, block_m, block_w, w1=fac["w1"], w2=fac["w2"], decay=fac["decay"],
+                         apply_decay=apply_decay, eps_hat=fac["eps_hat"], neg_hat=fac["neg_hat"])
             for (i, lo, k, _), p in zip(group, bp):
                 if low[i] is not None:
                     _rows_of(low[i], lo, k).copy_(p)
+
+
+def _slot_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [slots, ...] as [slots, elements per slot] (a view)."""
+    return t.view(t.shape[0], -1)
 
 
 def _rows_of(t: torch.Tensor, lo: int, k: int) -> torch.Tensor:
@@ -782,10 +809,12 @@ def slot_runs(idx: List[int]) -> List[Tuple[int, int]]:
 
 
 def _adamw_rows_(
-    ps: List[torch.Tensor],
     ms: List[torch.Tensor],
     vs: List[torch.Tensor],
     ws: List[torch.Tensor],
+    ps: List[torch.Tensor],
+    pms: List[torch.Tensor],
+    pws: List[torch.Tensor],
     *,
     w1: ScalarOrViews,
     w2: ScalarOrViews,
@@ -794,18 +823,20 @@ def _adamw_rows_(
     eps_hat: ScalarOrViews,
     neg_hat: ScalarOrViews,
 ) -> None:
-    """In-place AdamW on fp32 row blocks: ``ws`` holds the scaled, clipped gradient on entry and is
-    used as scratch.  Every factor is a Python scalar or a list of broadcastable per-row views; the
-    same elementwise operations run either way, so a slot's result does not depend on whether its
-    factors were shared with the other stepping slots."""
+    """In-place AdamW on fp32 rows: ``ms`` / ``vs`` / ``ws`` are [k, columns] segments of the moments and the
+    scratch (``ws`` holds the scaled, clipped gradient on entry and is used as scratch), ``ps`` the parameter
+    blocks with ``pms`` / ``pws`` the views of ``ms`` / ``ws`` over them.  Every factor is a Python scalar or
+    a list of broadcastable per-row views (of the segments; ``decay``'s of the parameter blocks); the same
+    elementwise operations run either way, so a slot's result does not depend on whether its factors were
+    shared with the other stepping slots, nor on how rows are grouped."""
     torch._foreach_lerp_(ms, ws, w1)  # m = b1 m + (1 - b1) g
     torch._foreach_mul_(ws, ws)
     torch._foreach_lerp_(vs, ws, w2)  # v = b2 v + (1 - b2) g^2
     if apply_decay:
         torch._foreach_mul_(ps, decay)  # decoupled weight decay: p *= 1 - lr wd
-    torch._foreach_copy_(ws, vs)
-    torch._foreach_sqrt_(ws)
+    for v, w in zip(vs, ws):
+        torch.sqrt(v, out=w)
     torch._foreach_add_(ws, eps_hat)  # sqrt(v) + eps sqrt(1 - b2^t)
     # p += m / (w / (-lr sqrt(1 - b2^t) / (1 - b1^t))).  lr == 0 gives w / -0.0 = -inf: a zero update.
     torch._foreach_div_(ws, neg_hat)
-    torch._foreach_addcdiv_(ps, ms, ws)
+    torch._foreach_addcdiv_(ps, pms, pws)
