@@ -18,9 +18,11 @@ views of a contiguous run of active / stepping slots or ``index_select`` / ``ind
 arithmetic ever runs on a row that is not stepping, and idle slots cost nothing (not even their grad
 norm).
 
-The math is vectorised over slots: per-slot hyper-parameters are ``[n, 1, ..., 1]`` tensors (or plain
-scalars when all stepping slots agree) fed to ``torch._foreach_*`` ops across parameters.  On CPU the
-rows are processed in cache-sized groups (see ``_CPU_BLOCK_NUMEL``).  Every operation is elementwise
+The math is vectorised over slots and parameters: both moments are flat fp32 ``[slots, width]``
+buffers (row k = slot k's state of every parameter), so most passes are one op over ``[k, columns]``
+segments of stepping rows, and only the passes that touch the parameters run ``torch._foreach_*`` over
+per-parameter blocks; per-slot hyper-parameters are ``[n, 1]`` tensors (or plain scalars when all
+stepping slots agree).  On CPU the rows are processed in cache-sized groups (see ``_CPU_BLOCK_NUMEL``).  Every operation is elementwise
 or reduces within one row, so a slot's result never depends on which other slots step with it, on the
 grouping, or on views vs gather.
 """
