@@ -44,7 +44,19 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False,
         )
     grads.sync(sorted(set(slots.tolist()) - {-1}))  # the step's slots, as the trainer does
     return dict(grads=W.gathered_grads(table), violations=watcher.violations if watcher else [],
-                self_check=watcher.self_check() if watcher else None)
+                self_check=watcher.self_check() if watcher else None, slot_grouped=_slot_grouped(gpt))
+
+
+def _slot_grouped(gpt):
+    """For every local expert of the MoE layers with the allgather dispatcher: were its tokens (of the last
+    micro-batch) already grouped by slot, as the dispatcher's slot-ordered permutation promises?"""
+    out = []
+    for layer in gpt.decoder.layers:
+        dispatcher = getattr(layer.mlp, "token_dispatcher", None)
+        if dispatcher is not None and hasattr(dispatcher, "local_map"):  # allgather
+            per_expert = dispatcher.lora_permuted_slots.split(dispatcher.local_map.sum(0).tolist())
+            out += [(bool((s[1:] >= s[:-1]).all()), len(set(s.tolist())) > 1) for s in per_expert]
+    return out  # [(grouped, several slots)] per local expert
 
 
 def _route_around(gpt, experts):
@@ -117,6 +129,9 @@ def test_expert_grads_are_meaningful_and_no_delta_w(reference):
     _, out = reference
     assert out["self_check"], "the delta-W watcher cannot see B @ A"
     assert out["violations"] == []
+    # the allgather dispatcher hands every expert its tokens grouped by slot (no sort in the experts)
+    assert all(grouped for grouped, _ in out["slot_grouped"]), out["slot_grouped"]
+    assert any(several for _, several in out["slot_grouped"]), "no expert saw two slots: the check proves nothing"
     expert = {k: g for k, g in out["grads"].items() if ".experts.local_experts." in k[0]}
     assert len(expert) == 4 * 4 * 2 * 2  # layers x experts x (fc1, fc2) x (A, B)
     assert any(".shared_experts." in k[0] for k in out["grads"])

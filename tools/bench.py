@@ -174,6 +174,13 @@ def ratio(times: dict, num: str, den: str) -> float:
     return med([a / b for a, b in zip(times[num], times[den])])
 
 
+def extra(times: dict, variant: str, base: str) -> float:
+    """Seconds `variant` takes beyond `base`: the median of per-round differences (drift cancels). Ratios of two
+    such differences divide these medians: a median of per-round ratios of noisy differences is biased upward (a
+    small denominator explodes the ratio; case 8 measured 1.42 where the medians said 1.13, same run)."""
+    return med([a - b for a, b in zip(times[variant], times[base])])
+
+
 def ms(times: dict) -> dict:
     return {n: round(med(v) * 1e3, 3) for n, v in times.items()}
 
@@ -448,7 +455,7 @@ class Bench:
         t = self.timer.measure(variants, shape.budget)
         per = T / len(mixed)
         token_rank = {k: per * sum(v) for k, v in configs.items()}
-        lora_ms = {k: 1e3 * (med(t[k]) - med(t["base"])) for k in configs if k != "base"}
+        lora_ms = {k: 1e3 * extra(t, k, "base") for k in configs if k != "base"}
         self.add(3, row(shape.name, f"layer {d}x{d}: mixed ranks {mixed} / all padded to {max_rank}",
                         ratio(t, "mixed", "padded"), 1.0, ms=ms(t), token_rank=token_rank, lora_ms=lora_ms))
         self.add(3, row(shape.name, "  LoRA time (minus base) mixed / padded",
@@ -618,11 +625,7 @@ class Bench:
             "dense_base": layer_fn(dense, dense_mlp, h_dense, [-1] * samples),
             "dense_lora": layer_fn(dense, dense_mlp, h_dense, slots),
         }, 2 * shape.budget, min_rounds=15, max_rounds=30)  # differences of timings: more rounds
-        # LoRA time = layer with LoRA - the same layer's base, per round (drift cancels); the ratio is of the
-        # medians of those differences: a median of per-round ratios of two noisy differences is biased upward
-        # (a small denominator explodes the ratio; measured 1.42 where the medians say 1.13, same run).
-        moe_lora = med([a - b for a, b in zip(t["moe_lora"], t["moe_base"])])
-        dense_lora = med([a - b for a, b in zip(t["dense_lora"], t["dense_base"])])
+        moe_lora, dense_lora = extra(t, "moe_lora", "moe_base"), extra(t, "dense_lora", "dense_base")
         routed = seq * samples * k
         self.add(8, row(shape.name, f"LoRA time: expert ({mc.num_experts}E top{k}) / dense, {routed} routed tok x r{RANK}",
                         moe_lora / max(dense_lora, 1e-9), 1.3, ms=ms(t), moe_lora_ms=moe_lora * 1e3,
