@@ -18,13 +18,13 @@ views of a contiguous run of active / stepping slots or ``index_select`` / ``ind
 arithmetic ever runs on a row that is not stepping, and idle slots cost nothing (not even their grad
 norm).
 
-The math is vectorised over slots and parameters: both moments are flat fp32 ``[slots, width]``
-buffers (row k = slot k's state of every parameter), so most passes are one op over ``[k, columns]``
-segments of stepping rows, and only the passes that touch the parameters run ``torch._foreach_*`` over
-per-parameter blocks; per-slot hyper-parameters are ``[n, 1]`` tensors (or plain scalars when all
-stepping slots agree).  On CPU the rows are processed in cache-sized groups (see ``_CPU_BLOCK_NUMEL``).  Every operation is elementwise
-or reduces within one row, so a slot's result never depends on which other slots step with it, on the
-grouping, or on views vs gather.
+The math is vectorised over slots and parameters: the fp32 weights (fp32 parameters are moved into this
+buffer, their ``.data`` a view of it; bf16 / fp16 ones keep an fp32 master there) and both moments are flat
+``[slots, width]`` buffers (row k = slot k's weights and state of every parameter), so every pass but the
+gradient copy is one op over a ``[k, columns]`` segment of stepping rows; per-slot hyper-parameters are
+``[n, 1]`` tensors (or plain scalars when all stepping slots agree).  On CPU the rows are processed in
+cache-sized groups (see ``_CPU_BLOCK_NUMEL``).  Every operation is elementwise or reduces within one row, so
+a slot's result never depends on which other slots step with it, on the grouping, or on views vs gather.
 """
 
 from __future__ import annotations
@@ -270,6 +270,8 @@ class SlotOptimizer:
             parameter's ``.grad``.
 
     Gradients are read from ``param.grad`` (a missing grad counts as zeros for a stepping slot).
+    fp32 parameters are moved into the optimizer's flat weights buffer at construction (``param.data``
+    becomes a view of it; values unchanged); replacing their ``.data`` later is refused at the next step.
     Non-fp32 parameters (bf16 / fp16) get an fp32 master copy; after a step only the stepped rows are
     written back (cast) into the parameter.  If something else writes into such a parameter through
     an in-place op on the parameter itself (which bumps its version counter), the rows whose
@@ -305,21 +307,27 @@ class SlotOptimizer:
                 raise TypeError(f"parameter {name!r} has dtype {p.dtype}; supported: {_SUPPORTED_DTYPES}")
             if p.numel() and not p[0].is_contiguous():
                 raise ValueError(f"parameter {name!r}: each slot's row must be contiguous (updated as one row)")
-        # Both moments live in flat fp32 [S, width] buffers, parameter i in columns cols[i] (slot k's state of
-        # every parameter is row k), so the step's elementwise passes are a few ops over whole rows instead of
-        # a few per parameter; _exp_avg[i] / _exp_avg_sq[i] are parameter-shaped views of them.
+        # The fp32 weights and both moments live in flat fp32 [S, width] buffers, parameter i in columns
+        # cols[i] (row k = slot k's weights / state of every parameter), so the step's elementwise passes are a
+        # few ops over whole rows, not a few per parameter.  fp32 parameters are moved into the weights buffer
+        # (their .data becomes a view of it); bf16 / fp16 ones get their fp32 master there.  _exp_avg[i],
+        # _exp_avg_sq[i] and _master[i] are parameter-shaped views.
         widths = [p[0].numel() for p in self._params]
         self._cols: List[Tuple[int, int]] = [(sum(widths[:i]), w) for i, w in enumerate(widths)]
+
+        def views(flat):
+            return [flat[:, c:c + w].view(p.shape) for p, (c, w) in zip(self._params, self._cols)]
+
         with torch.no_grad():
-            self._moments = [torch.zeros(num_slots, sum(widths), dtype=torch.float32, device=self.device)
-                             for _ in range(2)]
-            self._exp_avg, self._exp_avg_sq = [[flat[:, c:c + w].view(p.shape)
-                                                for p, (c, w) in zip(self._params, self._cols)]
-                                               for flat in self._moments]
-            self._master: List[Optional[torch.Tensor]] = [
-                None if p.dtype == torch.float32 else p.detach().to(torch.float32, copy=True)
-                for p in self._params
-            ]
+            self._weights = torch.empty(num_slots, sum(widths), dtype=torch.float32, device=self.device)
+            self._moments = [torch.zeros_like(self._weights) for _ in range(2)]
+            self._exp_avg, self._exp_avg_sq = (views(flat) for flat in self._moments)
+            self._master: List[Optional[torch.Tensor]] = []
+            for p, view in zip(self._params, views(self._weights)):
+                view.copy_(p.detach())
+                if p.dtype == torch.float32:
+                    p.data = view
+                self._master.append(None if p.dtype == torch.float32 else view)
         self._master_version: List[int] = [p._version for p in self._params]
         # fp32 scratch (the scaled gradient, then Adam's denominator): one flat buffer as large as all
         # parameters, allocated at the first step and kept (re-allocating it every step costs more than
@@ -660,40 +668,40 @@ class SlotOptimizer:
                 apply_decay: bool) -> None:
         """AdamW on the rows of the stepping slots: in place through views of each contiguous run, or
         on gathered copies that are scattered back (only stepping rows are ever written)."""
-        # every tensor as [slots, elements per slot] (the parameters' rows are contiguous: checked at init)
-        fp32 = [_slot_rows(p.detach() if m is None else m) for p, m in zip(self._params, self._master)]
-        gs = [None if g is None else g.reshape(g.shape[0], -1) for g in grads]  # read only: a copy would do
+        for name, p, (c, _) in zip(self._names, self._params, self._cols):
+            if p.dtype == torch.float32 and p.data_ptr() != self._weights[:, c].data_ptr():
+                raise RuntimeError(f"parameter {name!r} no longer lives in the optimizer's weights buffer (its "
+                                   f".data was replaced after the optimizer was built): build the optimizer again")
+        # grads as [slots, elements per slot]; read only, so a copy would do
+        gs = [None if g is None else g.reshape(g.shape[0], -1) for g in grads]
+        low = [None if m is None else _slot_rows(p.detach()) for p, m in zip(self._params, self._master)]
         if rows.index is None:
-            low = [None if m is None else _slot_rows(p.detach()) for p, m in zip(self._params, self._master)]
-            self._adamw_groups(fp32, *self._moments, gs, low, rows.runs, factors, apply_decay=apply_decay)
+            self._adamw_groups(self._weights, *self._moments, gs, low, rows.runs, factors, apply_decay=apply_decay)
         else:
             index = rows.index
-            ps = [t.index_select(0, index) for t in fp32]
-            m, v = (t.index_select(0, index) for t in self._moments)
+            w, m, v = (t.index_select(0, index) for t in (self._weights, *self._moments))
             gs = [None if g is None else g.index_select(0, index) for g in gs]
-            self._adamw_groups(ps, m, v, gs, [None] * len(ps), [(0, len(rows.idx))], factors,
+            self._adamw_groups(w, m, v, gs, [None] * len(gs), [(0, len(rows.idx))], factors,
                                apply_decay=apply_decay)
-            self._moments[0].index_copy_(0, index, m)
-            self._moments[1].index_copy_(0, index, v)
-            for i, p in enumerate(self._params):
-                if self._master[i] is not None:
-                    _slot_rows(self._master[i]).index_copy_(0, index, ps[i])
-                _slot_rows(p.detach()).index_copy_(0, index, ps[i].to(p.dtype))
+            for flat, rows_ in zip((self._weights, *self._moments), (w, m, v)):
+                flat.index_copy_(0, index, rows_)
+            for t, (c, width) in zip(low, self._cols):
+                if t is not None:
+                    t.index_copy_(0, index, w[:, c:c + width].to(t.dtype))
         for i, p in enumerate(self._params):
             self._master_version[i] = p._version
 
-    def _adamw_groups(self, ps, m, v, gs, low, runs: List[Tuple[int, int]], factors, *,
+    def _adamw_groups(self, weights, m, v, gs, low, runs: List[Tuple[int, int]], factors, *,
                       apply_decay: bool) -> None:
-        """:func:`_adamw_rows_` on the rows ``runs`` of the fp32 ``ps`` / grads ``gs`` ([rows, elements per
-        slot]) and of the flat moments ``m`` / ``v`` ([rows, width], parameter i in columns ``self._cols[i]``);
+        """:func:`_adamw_rows_` on the rows ``runs`` of the flat fp32 ``weights`` / ``m`` / ``v`` ([rows,
+        width], parameter i in columns ``self._cols[i]``) with the grads ``gs`` ([rows, elements per slot]);
         the j-th of all those rows belongs to the j-th stepping slot.  One group of row blocks at a time (see
-        :func:`_row_groups`); adjacent parameters' blocks over the same rows form one [k, columns] segment of
-        the moments and the scratch, so only the passes that touch the parameters go parameter by parameter.
-        ``low[i]``: the bf16 / fp16 parameter of master ``ps[i]`` (or None), which gets the new rows while
-        they are still in cache."""
+        :func:`_row_groups`); adjacent parameters' blocks over the same rows form one [k, columns] segment, and
+        every pass but the gradient copy runs once per segment.  ``low[i]``: the bf16 / fp16 parameter of
+        master columns i (or None), which gets the new rows while they are still in cache."""
         per_row = {key: f.view(-1, 1) for key, f in factors.items() if isinstance(f, torch.Tensor)}  # [n, 1]
         scratch = self._scratch()
-        for group in _row_groups([p.shape[1] for p in ps], runs, self._block_numel()):
+        for group in _row_groups([width for _, width in self._cols], runs, self._block_numel()):
             segments: List[list] = []  # [first row, rows, first stepping slot, first col, end col, widths]
             for i, lo, k, pos in group:
                 c, width = self._cols[i]
@@ -703,22 +711,18 @@ class SlotOptimizer:
                     last[5].append(width)
                 else:
                     segments.append([lo, k, pos, c, c + width, [width]])
-            seg_m, seg_v, seg_w, block_m, block_w = [], [], [], [], []
+            seg_p, seg_m, seg_v, seg_w, block_w = [], [], [], [], []
             used = 0
             for lo, k, _, c0, c1, widths in segments:
                 w = scratch.narrow(0, used, k * (c1 - c0)).view(k, c1 - c0)
                 used += w.numel()
+                seg_p.append(weights[lo:lo + k, c0:c1])
                 seg_m.append(m[lo:lo + k, c0:c1])
                 seg_v.append(v[lo:lo + k, c0:c1])
                 seg_w.append(w)
-                block_m += seg_m[-1].split(widths, dim=1)
                 block_w += w.split(widths, dim=1)
-            bp = [_rows_of(ps[i], lo, k) for i, lo, k, _ in group]
             fac: Dict[str, ScalarOrViews] = dict(factors)
             fac.update({key: [f.narrow(0, pos, k) for _, k, pos, *_ in segments] for key, f in per_row.items()})
-            if "decay" in per_row:  # the one factor applied to the parameter blocks (one view per row range)
-                decay = {(pos, k): per_row["decay"].narrow(0, pos, k) for _, _, k, pos in group}
-                fac["decay"] = [decay[pos, k] for _, _, k, pos in group]
             # w <- grad * (grad_scale * clip_coef), in fp32 (a missing grad counts as zeros)
             present = [(w, _rows_of(gs[i], lo, k)) for w, (i, lo, k, _) in zip(block_w, group) if gs[i] is not None]
             for w, (i, _, _, _) in zip(block_w, group):
@@ -727,11 +731,12 @@ class SlotOptimizer:
             if present:
                 torch._foreach_copy_([w for w, _ in present], [g for _, g in present])
             torch._foreach_mul_(seg_w, fac["coef"])
-            _adamw_rows_(seg_m, seg_v, seg_w, bp, block_m, block_w, w1=fac["w1"], w2=fac["w2"], decay=fac["decay"],
+            _adamw_rows_(seg_p, seg_m, seg_v, seg_w, w1=fac["w1"], w2=fac["w2"], decay=fac["decay"],
                          apply_decay=apply_decay, eps_hat=fac["eps_hat"], neg_hat=fac["neg_hat"])
-            for (i, lo, k, _), p in zip(group, bp):
+            for i, lo, k, _ in group:
                 if low[i] is not None:
-                    _rows_of(low[i], lo, k).copy_(p)
+                    c, width = self._cols[i]
+                    _rows_of(low[i], lo, k).copy_(weights[lo:lo + k, c:c + width])
 
 
 def _slot_rows(t: torch.Tensor) -> torch.Tensor:
@@ -811,12 +816,10 @@ def slot_runs(idx: List[int]) -> List[Tuple[int, int]]:
 
 
 def _adamw_rows_(
+    ps: List[torch.Tensor],
     ms: List[torch.Tensor],
     vs: List[torch.Tensor],
     ws: List[torch.Tensor],
-    ps: List[torch.Tensor],
-    pms: List[torch.Tensor],
-    pws: List[torch.Tensor],
     *,
     w1: ScalarOrViews,
     w2: ScalarOrViews,
@@ -825,12 +828,10 @@ def _adamw_rows_(
     eps_hat: ScalarOrViews,
     neg_hat: ScalarOrViews,
 ) -> None:
-    """In-place AdamW on fp32 rows: ``ms`` / ``vs`` / ``ws`` are [k, columns] segments of the moments and the
-    scratch (``ws`` holds the scaled, clipped gradient on entry and is used as scratch), ``ps`` the parameter
-    blocks with ``pms`` / ``pws`` the views of ``ms`` / ``ws`` over them.  Every factor is a Python scalar or
-    a list of broadcastable per-row views (of the segments; ``decay``'s of the parameter blocks); the same
-    elementwise operations run either way, so a slot's result does not depend on whether its factors were
-    shared with the other stepping slots, nor on how rows are grouped."""
+    """In-place AdamW on [k, columns] segments of the fp32 weights, moments and scratch: ``ws`` holds the
+    scaled, clipped gradient on entry and is used as scratch.  Every factor is a Python scalar or a list of
+    per-row [k, 1] views; the same elementwise operations run either way, so a slot's result does not depend on
+    whether its factors were shared with the other stepping slots, nor on how rows are grouped."""
     torch._foreach_lerp_(ms, ws, w1)  # m = b1 m + (1 - b1) g
     torch._foreach_mul_(ws, ws)
     torch._foreach_lerp_(vs, ws, w2)  # v = b2 v + (1 - b2) g^2
@@ -841,4 +842,4 @@ def _adamw_rows_(
     torch._foreach_add_(ws, eps_hat)  # sqrt(v) + eps sqrt(1 - b2^t)
     # p += m / (w / (-lr sqrt(1 - b2^t) / (1 - b1^t))).  lr == 0 gives w / -0.0 = -inf: a zero update.
     torch._foreach_div_(ws, neg_hat)
-    torch._foreach_addcdiv_(ps, pms, pws)
+    torch._foreach_addcdiv_(ps, ms, ws)

@@ -650,3 +650,23 @@ def test_bf16_params_fp32_masters_and_isolation():
     for n in params:
         assert torch.equal(opt.slot_state(0)[f"{n}.master"], new_row[n].float())
         assert torch.equal(opt.slot_state(1)[f"{n}.master"], state[f"{n}.master"])
+
+
+def test_fp32_params_move_into_the_flat_weights_buffer_and_a_replaced_one_is_refused():
+    """fp32 parameters become views of the optimizer's [slots, width] weights (values unchanged, updates land in
+    the parameter); replacing a parameter's .data afterwards would silently detach it, so the step refuses."""
+    S = 3
+    params = make_params(S)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt = make_opt(params, [SlotHyperParams(LRSchedule(lr=0.1))] * S)
+    for n, p in params.items():
+        assert torch.equal(p.detach(), before[n]), n
+        assert p.untyped_storage().data_ptr() == opt._weights.untyped_storage().data_ptr(), n
+    set_grads(params, make_grads(params, seed=1))
+    opt.step(torch.ones(S), torch.tensor([True, False, True]))
+    for n, p in params.items():
+        assert not torch.equal(p.detach()[0], before[n][0]) and torch.equal(p.detach()[1], before[n][1]), n
+    name = next(iter(params))
+    params[name].data = params[name].detach().clone()
+    with pytest.raises(RuntimeError, match=f"{name}.*no longer lives in the optimizer"):
+        opt.step(torch.ones(S), torch.tensor([True, False, True]))

@@ -565,20 +565,24 @@ class Bench:
             g = torch.Generator().manual_seed(4)
             params = [torch.nn.Parameter(torch.randn((slots,) + tuple(p.shape[1:]), generator=g).to(self.device))
                       for p in w.params]
-            grads = GradBuffer(params)  # as the trainer keeps them (both optimizers read these grads)
-            for p in params:
-                p.grad.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+            # AdamW gets its own contiguous copies (the SlotOptimizer moves its parameters into one flat buffer,
+            # and the trainer's grads are rows of a GradBuffer: strided tensors would slow AdamW's foreach down)
+            plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            grads = GradBuffer(params)
+            for p, q in zip(params, plain):
+                q.grad = torch.randn(p.shape, generator=g).to(self.device) * 1e-3
+                p.grad.copy_(q.grad)
             slot_opt = SlotOptimizer([(f"p{i}", p) for i, p in enumerate(params)], slots,
                                      grad_sq_norms=grads.sq_norms)
             for k in range(slots):
                 slot_opt.configure_slot(k, SlotHyperParams(LRSchedule(lr=1e-4 * (1 + k % 7)), weight_decay=0.01,
                                                            clip_grad=1.0))
-            adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
+            adamw = torch.optim.AdamW(plain, lr=1e-4, weight_decay=0.01, foreach=True)
             scale = torch.full((slots,), 1e-2)
             active = torch.ones(slots, dtype=torch.bool)
 
             def clip_adamw():
-                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                torch.nn.utils.clip_grad_norm_(plain, 1.0, foreach=True)
                 adamw.step()
 
             t = self.timer.measure({"slot": lambda: slot_opt.step(scale, active), "adamw": adamw.step,
