@@ -328,6 +328,9 @@ class SlotOptimizer:
                 if p.dtype == torch.float32:
                     p.data = view
                 self._master.append(None if p.dtype == torch.float32 else view)
+        # where each fp32 parameter must still live at every step (checked: a replaced .data stops training)
+        self._moved = [(name, p, p.data_ptr()) for name, p in zip(self._names, self._params)
+                       if p.dtype == torch.float32]
         self._master_version: List[int] = [p._version for p in self._params]
         # fp32 scratch (the scaled gradient, then Adam's denominator): one flat buffer as large as all
         # parameters, allocated at the first step and kept (re-allocating it every step costs more than
@@ -635,24 +638,23 @@ class SlotOptimizer:
         the ACTIVE rows only (idle slots cost nothing; each row is reduced on its own, so a slot's norm
         never depends on which other slots are active), scaled later: ||s g||^2 = s^2 ||g||^2."""
         grads: List[Optional[torch.Tensor]] = []
-        sq_by_group: Dict[str, Optional[torch.Tensor]] = {}
+        groups: List[str] = []
         for name, p in zip(self._names, self._params):
             g = p.grad
             if g is not None and g.shape != p.shape:
                 raise ValueError(f"grad of {name!r} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
             grads.append(g)
-            group = getattr(p, "norm_group", "dense")
-            if not isinstance(group, str):
-                raise TypeError(f"norm_group of {name!r} must be a string, got {group!r}")
-            sq_by_group.setdefault(group, None)
+            groups.append(norm_group(p))
+            if not isinstance(groups[-1], str):
+                raise TypeError(f"norm_group of {name!r} must be a string, got {groups[-1]!r}")
+        sq_by_group: Dict[str, Optional[torch.Tensor]] = dict.fromkeys(groups)
         if self._grad_sq_norms is not None:
             sq_by_group.update(self._grad_sq_norms(active_idx))
             return grads, sq_by_group
         rows = self._rows(active_idx)
-        for p, g in zip(self._params, grads):
+        for p, g, group in zip(self._params, grads, groups):
             if g is None or getattr(p, "norm_duplicate", False):
                 continue
-            group = getattr(p, "norm_group", "dense")
             sq = _row_sq_norms(rows.take(g))  # [n_active], active order
             acc = sq_by_group[group]
             sq_by_group[group] = sq if acc is None else acc.add_(sq)
@@ -668,8 +670,8 @@ class SlotOptimizer:
                 apply_decay: bool) -> None:
         """AdamW on the rows of the stepping slots: in place through views of each contiguous run, or
         on gathered copies that are scattered back (only stepping rows are ever written)."""
-        for name, p, (c, _) in zip(self._names, self._params, self._cols):
-            if p.dtype == torch.float32 and p.data_ptr() != self._weights[:, c].data_ptr():
+        for name, p, ptr in self._moved:
+            if p.data_ptr() != ptr:
                 raise RuntimeError(f"parameter {name!r} no longer lives in the optimizer's weights buffer (its "
                                    f".data was replaced after the optimizer was built): build the optimizer again")
         # grads as [slots, elements per slot]; read only, so a copy would do
@@ -802,6 +804,11 @@ def _row_sq_norms(blocks: List[torch.Tensor]) -> torch.Tensor:
                                      dtype=torch.float32)
         out.append(n * n)
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def norm_group(p: torch.Tensor) -> str:
+    """The group whose per-slot grad norm ``p`` counts in (``"dense"`` unless the parameter says)."""
+    return getattr(p, "norm_group", "dense")
 
 
 def slot_runs(idx: List[int]) -> List[Tuple[int, int]]:

@@ -12,11 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..optim import slot_runs
-
-
-def _norm_group(p) -> str:
-    return getattr(p, "norm_group", "dense")
+from ..optim import norm_group, slot_runs
 
 
 class _Flat:
@@ -88,7 +84,7 @@ class GradBuffer:
         params = list(params)
         keys: dict[tuple, list] = {}
         for p in params:
-            keys.setdefault((_norm_group(p), p.dtype), []).append(p)
+            keys.setdefault((norm_group(p), p.dtype), []).append(p)
         self.flats = [_Flat(ps, group) for (group, _), ps in keys.items()]
 
     def zero(self, slots=None) -> None:
