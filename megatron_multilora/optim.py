@@ -725,20 +725,66 @@ class SlotOptimizer:
                 block_w += w.split(widths, dim=1)
             fac: Dict[str, ScalarOrViews] = dict(factors)
             fac.update({key: [f.narrow(0, pos, k) for _, k, pos, *_ in segments] for key, f in per_row.items()})
-            # w <- grad * (grad_scale * clip_coef), in fp32 (a missing grad counts as zeros)
-            present = [(w, _rows_of(gs[i], lo, k)) for w, (i, lo, k, _) in zip(block_w, group) if gs[i] is not None]
-            for w, (i, _, _, _) in zip(block_w, group):
-                if gs[i] is None:
-                    w.zero_()
+            # w <- grad * (grad_scale * clip_coef), in fp32 (a missing grad counts as zeros). Parameters whose
+            # grads are adjacent columns of one flat fp32 buffer (lora.grads.GradBuffer, same column order) are
+            # read as one [k, columns] piece by one multiply; the others are copied per parameter, then scaled.
+            present, scaled, first = [], [], 0
+            for j, (lo, k, _, c0, c1, widths) in enumerate(segments):
+                blocks, ws = group[first:first + len(widths)], block_w[first:first + len(widths)]
+                first += len(widths)
+                coef = fac["coef"][j] if isinstance(fac["coef"], list) else fac["coef"]
+                col = 0
+                for b0, b1, src in _pieces([gs[i] for i, *_ in blocks], widths):
+                    cols = sum(widths[b0:b1])
+                    w = seg_w[j] if cols == c1 - c0 else seg_w[j].narrow(1, col, cols)
+                    col += cols
+                    if src is not None:
+                        torch.mul(_rows_of(src, lo, k), coef, out=w)
+                        continue
+                    scaled.append((w, coef))
+                    for wb, (i, _, _, _) in zip(ws[b0:b1], blocks[b0:b1]):
+                        if gs[i] is None:
+                            wb.zero_()
+                        else:
+                            present.append((wb, _rows_of(gs[i], lo, k)))
             if present:
                 torch._foreach_copy_([w for w, _ in present], [g for _, g in present])
-            torch._foreach_mul_(seg_w, fac["coef"])
+            if scaled:
+                coefs = [c for _, c in scaled]
+                torch._foreach_mul_([w for w, _ in scaled], coefs if isinstance(coefs[0], torch.Tensor) else coefs[0])
             _adamw_rows_(seg_p, seg_m, seg_v, seg_w, w1=fac["w1"], w2=fac["w2"], decay=fac["decay"],
                          apply_decay=apply_decay, eps_hat=fac["eps_hat"], neg_hat=fac["neg_hat"])
             for i, lo, k, _ in group:
                 if low[i] is not None:
                     c, width = self._cols[i]
                     _rows_of(low[i], lo, k).copy_(weights[lo:lo + k, c:c + width])
+
+
+def _buffer_cols(g: Optional[torch.Tensor]):
+    """(buffer, first column) when the fp32 grad ``g`` [slots, n] is a column block of a 2-D buffer, else None."""
+    base = None if g is None or g.dtype != torch.float32 else g._base
+    if (base is None or base.dim() != 2 or base.stride(1) != 1 or g.shape[0] != base.shape[0]
+            or g.stride() != (base.stride(0), 1)):
+        return None
+    return base, g.storage_offset() - base.storage_offset()
+
+
+def _pieces(grads: List[Optional[torch.Tensor]], widths: List[int]):
+    """A segment's parameter blocks as maximal pieces ``(first block, end block, grad columns or None)``: blocks
+    whose grads are adjacent column blocks of one buffer form a piece with that buffer's [slots, columns] view;
+    consecutive other blocks form a piece without one."""
+    pieces: List[list] = []  # [first block, end block, buffer or None, first column, end column]
+    for b, (g, width) in enumerate(zip(grads, widths)):
+        at = _buffer_cols(g)
+        last = pieces[-1] if pieces else None
+        if last is not None and at is None and last[2] is None:
+            last[1] = b + 1
+        elif last is not None and at is not None and last[2] is at[0] and last[4] == at[1]:
+            last[1], last[4] = b + 1, at[1] + width
+        else:
+            buffer, col = at if at is not None else (None, 0)
+            pieces.append([b, b + 1, buffer, col, col + width])
+    return [(b0, b1, None if buf is None else buf[:, c0:c1]) for b0, b1, buf, c0, c1 in pieces]
 
 
 def _slot_rows(t: torch.Tensor) -> torch.Tensor:

@@ -159,3 +159,46 @@ def test_tensor_parallel_partial_grads_are_summed_in_their_columns_only():
                 assert torch.equal(outs[r][name][[1, 2, 4]], local[r][[1, 2, 4]])
             else:
                 assert torch.equal(outs[r][name], local[r]), name
+
+
+@pytest.mark.parametrize("max_runs,block_numel", [(None, None), (None, 37), (0, None)],
+                         ids=["views", "row-groups", "gather"])
+def test_optimizer_reads_side_by_side_grads_in_one_op_with_bitwise_equal_results(monkeypatch, max_runs, block_numel):
+    """Grads in a GradBuffer laid out in the optimizer's column order are read as whole [rows, columns] segments
+    (one multiply each, no per-parameter copy); separate grads, or a buffer in another column order, take the
+    per-parameter copy. Every way gives bitwise the same weights and optimizer state."""
+    from megatron_multilora import optim
+
+    fused = []
+    real = optim._pieces
+    monkeypatch.setattr(optim, "_pieces", lambda *a: fused.extend(real(*a)) or real(*a))
+    results = {}
+    for layout in ("separate", "buffer", "buffer-reversed"):
+        params = make_params(duplicate=())
+        if layout != "separate":
+            GradBuffer(list(params.values())[::-1] if layout == "buffer-reversed" else params.values())
+        opt = SlotOptimizer(params, S)
+        opt.max_view_runs, opt.block_numel = max_runs, block_numel
+        for k in range(S):
+            opt.configure_slot(k, SlotHyperParams(LRSchedule(lr=1e-2 * (k + 1)), clip_grad=0.5 + k, weight_decay=0.1))
+        fused.clear()
+        for it, pattern in enumerate([[1, 0, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 1]]):
+            with torch.no_grad():
+                for i, p in enumerate(params.values()):
+                    g = torch.Generator().manual_seed(10 * it + i)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.copy_(torch.randn(p.shape, generator=g))
+            opt.step(torch.full((S,), 0.3), torch.tensor(pattern, dtype=torch.bool))
+        # segments of several parameters read in one op: only from the buffer in the optimizer's order
+        several = sum(b1 - b0 > 1 and src is not None for b0, b1, src in fused)
+        if layout == "buffer" and max_runs is None and block_numel is None:  # (else one parameter per group)
+            assert several > 0, "side-by-side grads were still copied per parameter"
+        else:
+            assert several == 0, layout
+        results[layout] = [{**{n: p.detach()[k].clone() for n, p in params.items()}, **opt.slot_state(k)}
+                           for k in range(S)]
+    for layout in ("buffer", "buffer-reversed"):
+        for a, b in zip(results["separate"], results[layout]):
+            for key in a:
+                assert torch.equal(a[key], b[key]), (layout, key)
