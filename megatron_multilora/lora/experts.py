@@ -1,7 +1,8 @@
 """Slot-indexed LoRA on MoE experts under expert parallelism.
 
 Each local expert's fc1 / fc2 carries its own slot-indexed A and B (only this EP rank's experts, so the expert
-axis is sharded across EP ranks like the experts themselves); the math is the dense one (ops.py). The slot of
+axis is sharded across EP ranks like the experts themselves); the LoRA of all local experts runs in one grouped
+GEMM per product (ops.expert_lora, SlotLoRASequentialMLP below). The slot of
 every token follows it through the token dispatcher: the dispatcher gathers and permutes an int slot-id vector
 exactly as it gathers and permutes the tokens, and every expert must see its tokens grouped by slot (its
 segments). The allgather dispatcher's own permutation is made to take each expert's tokens in slot order, which
@@ -104,7 +105,14 @@ class SlotTrackingAlltoAllDispatcher:
 
 
 class SlotLoRASequentialMLP:
-    """Mixin in front of megatron's SequentialMLP: groups each expert's tokens by slot around the base call."""
+    """Mixin in front of megatron's SequentialMLP: every local expert's LoRA in one grouped product per linear.
+
+    megatron runs the experts one after another; a LoRA call per expert linear (one matmul per (expert, slot)
+    segment and product) cost ~4x the LoRA of a dense linear over the same tokens x rank. Here the tokens of all
+    local experts, grouped by (expert, slot), go through one grouped GEMM per product: fc1's LoRA delta is
+    computed for every expert before megatron's loop and added to each expert's fc1 output (before the
+    activation), and fc2's LoRA, linear in fc2's input, is computed after the loop from the inputs the expert fc2s
+    handed over and added to the experts' joint output (before the combine, as megatron adds each expert's)."""
 
     def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):
         routing = routing_lib.current()
@@ -120,33 +128,43 @@ class SlotLoRASequentialMLP:
         if not bool((keys[1:] >= keys[:-1]).all()):  # not grouped by (expert, slot) yet (alltoall dispatcher)
             order = torch.argsort(keys, stable=True)
             keys = keys[order]
-        self._set_segments(routing, keys, width)
-        try:
-            if order is None:
-                return super().forward(permuted_hidden, tokens_per_expert, permuted_probs)
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=order.device)
-            out, bias = super().forward(ops.permute_rows(permuted_hidden, order, inverse), tokens_per_expert,
-                                        permuted_probs[order])
-            return ops.permute_rows(out, inverse, order), bias
+            permuted_hidden = ops.permute_rows(permuted_hidden, order, inverse)
+            permuted_probs = permuted_probs[order]
+        fc1 = [e.linear_fc1 for e in self.local_experts if hasattr(e.linear_fc1, "lora_kind")]
+        fc2 = [e.linear_fc2 for e in self.local_experts if hasattr(e.linear_fc2, "lora_kind")]
+        runs = self._expert_slot_runs(keys, width)
+        seg1 = routing.expert_segments(fc1[0].lora_kind, runs) if fc1 else []
+        seg2 = routing.expert_segments(fc2[0].lora_kind, runs) if fc2 else []
+        try:
+            if seg1:
+                x = permuted_hidden
+                if self.config.moe_apply_probs_on_input:  # what megatron's experts then see
+                    x = (permuted_probs.unsqueeze(-1) * x).to(x.dtype)
+                delta = ops.expert_lora(None, x, [lin.lora_A for lin in fc1], [lin.lora_B for lin in fc1], seg1,
+                                        self.training)
+                for lin, piece in zip(fc1, delta.split(counts)):
+                    lin.lora_expert_delta = piece
+            for lin in fc2 if seg2 else ():
+                lin.lora_expert_inputs = []
+            out, bias = super().forward(permuted_hidden, tokens_per_expert, permuted_probs)
+            if seg2:  # (inputs padded for quantization are cut back to the expert's tokens)
+                act = torch.cat([lin.lora_expert_inputs[-1][:n] for lin, n in zip(fc2, counts)])
+                out = ops.expert_lora(out, act, [lin.lora_A for lin in fc2], [lin.lora_B for lin in fc2], seg2,
+                                      self.training)
         finally:
-            for linear in self._lora_linears():
-                linear.lora_token_segments = None
+            for lin in fc1 + fc2:
+                lin.lora_expert_delta = lin.lora_expert_inputs = None
+        if order is not None:
+            out = ops.permute_rows(out, inverse, order)
+        return out, bias
 
-    def _lora_linears(self):
-        return [lin for e in self.local_experts for lin in (e.linear_fc1, e.linear_fc2) if hasattr(lin, "lora_kind")]
-
-    def _set_segments(self, routing, sorted_keys: torch.Tensor, width: int) -> None:
-        """Give every expert linear its token segments from the layer's (expert, slot) keys, sorted (one pass
-        over the keys for the whole layer)."""
+    @staticmethod
+    def _expert_slot_runs(sorted_keys: torch.Tensor, width: int) -> list[tuple[int, int, int]]:
+        """(local expert, slot, tokens) runs in token order from the layer's sorted (expert, slot) keys."""
         values, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-        runs: list[list[tuple[int, int]]] = [[] for _ in self.local_experts]
-        for key, count in zip(values.tolist(), counts.tolist()):
-            runs[key // width].append((key % width - 1, count))
-        for expert, slot_counts in zip(self.local_experts, runs):
-            for linear in (expert.linear_fc1, expert.linear_fc2):
-                if hasattr(linear, "lora_kind"):
-                    linear.lora_token_segments = routing.token_segments(linear.lora_kind, slot_counts)
+        return [(key // width, key % width - 1, count) for key, count in zip(values.tolist(), counts.tolist())]
 
 
 _CLASSES: dict[tuple[type, type], type] = {}

@@ -60,7 +60,9 @@ class SlotLoRALinear:
         partial = self.lora_tp_size > 1 and (self.lora_sequence_parallel or self.lora_dispatcher_comm)
         # A gradient that is a partial sum over this TP group (summed once per step by lora.grads).
         replicated.partial_grad_group = tp_group if partial else None
-        self.lora_token_segments = None  # set per forward by the experts wrapper (expert linears only)
+        # expert linears: set by the experts wrapper for one forward (lora/experts.py SlotLoRASequentialMLP)
+        self.lora_expert_delta = None  # fc1: this expert's rows of the grouped LoRA delta, added to the output
+        self.lora_expert_inputs = None  # fc2: a list this linear hands its input to
         for p in (self.lora_A, self.lora_B):
             p.lora_param = True
             p.norm_group = "expert" if expert else "dense"
@@ -134,18 +136,19 @@ class SlotLoRALinear:
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
-        segments = self._lora_segments()
-        if segments:  # (expert tokens [T, in] are one "sequence" of T rows)
+        if self.lora_kind in EXPERT_TARGETS:  # dispatched tokens: the experts wrapper does their LoRA
+            if self.lora_expert_delta is not None:
+                delta = self.lora_expert_delta
+                rows = output.shape[0] - delta.shape[0]  # rows padded for quantization get none
+                output = output + (torch.nn.functional.pad(delta, (0, 0, 0, rows)) if rows else delta)
+            if self.lora_expert_inputs is not None:
+                self.lora_expert_inputs.append(input_)
+            return output, bias
+        routing = routing_lib.current()
+        segments = routing.segments(self.lora_kind) if routing is not None else []
+        if segments:
             output = ops.lora_add(output, input_, self.lora_A, self.lora_B, segments, self._middle, self.training)
         return output, bias
-
-    def _lora_segments(self):
-        if self.lora_token_segments is not None:
-            return self.lora_token_segments
-        if self.lora_kind in EXPERT_TARGETS:  # dispatched tokens: only the experts wrapper knows their slots
-            return []
-        routing = routing_lib.current()
-        return routing.segments(self.lora_kind) if routing is not None else []
 
     def _middle(self, h: torch.Tensor) -> torch.Tensor:
         """The tensor-parallel communication of the packed rank-sized h (see the module docstring)."""

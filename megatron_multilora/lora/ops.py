@@ -16,9 +16,12 @@ their slots' weights as [G, r, d] (a view when the slots are evenly spaced) -- s
 grow with the number of tenants (tools/bench.py case 1: 32 tenants cost 2.8x one tenant with a matmul per
 segment). Runs need no padding and no masks, and a run's block of h is its segments' blocks side by side: the
 packed layout, which the tensor-parallel `middle` sees, is the same as with one matmul per segment. Segments of
-unequal size (expert tokens sorted by slot) are runs of one, each a matmul on views: padding them into one bmm
-(row gathers, masks, ~20% padded rows at ~32 tokens per (expert, slot)) measured 5-17% slower per expert
-linear than these runs of one.
+unequal size are runs of one, each a matmul on views.
+
+Expert tokens (`expert_lora`, below) are rows of one [T, in] matrix grouped by (local expert, slot), with no
+tensor-parallel middle (the token dispatcher does the experts' communication), so all local experts' segments
+of one rank go through ONE grouped GEMM per product (torch's grouped_mm over the jagged rows; on CPU, for small
+groups, one bmm over the groups padded to the longest), with the experts' weights stacked per segment.
 
 Weight gradients are accumulated straight into `param.grad` (as megatron does for main_grad with gradient
 accumulation fusion; in training that is a row of lora/grads.GradBuffer): only the touched slots' rows (up to
@@ -26,8 +29,8 @@ their rank) are written, so an idle slot costs nothing in backward and keeps an 
 
 Cost (tools/bench.py, profiled): the LoRA matmuls are skinny and memory-bound, so every extra pass over a
 hidden-sized tensor shows. A slot's scale multiplies the rank-sized products (matmul alpha), never the
-hidden-sized output or gradient. A run's rows are a view when they form one matrix per segment (L == 1 as for
-expert tokens, or one segment spanning the micro-batch: then nothing is sliced or copied), else copied once
+hidden-sized output or gradient. A run's rows are a view when they form one matrix per segment (L == 1, or one segment
+spanning the micro-batch: then nothing is sliced or copied), else copied once
 into [G, L * n, d] (kept for backward; strided views of one-sample segments made the weight-gradient bmm ~2x
 slower than the copy); products are written straight into the output's rows when those are a view, else
 through one temporary. The delta is added into the base linear's output in place (no delta tensor, no add
@@ -40,6 +43,7 @@ all-reduce of h silently needs that).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,6 +60,7 @@ class Segment:
     rank: int
     scale: float
     dropout: float = 0.0
+    weight: int = 0  # expert tokens: which local expert's A / B (an index into expert_lora's weight lists)
 
     @property
     def size(self) -> int:
@@ -82,6 +87,14 @@ class _Run(NamedTuple):
     b_index: tuple
 
 
+def _slot_rows(slots: tuple) -> slice | None:
+    """The rows of `slots` as a slice when they are evenly spaced (a view), else None (gather them)."""
+    step = slots[1] - slots[0] if len(slots) > 1 else 1
+    if step >= 1 and all(b - a == step for a, b in zip(slots, slots[1:])):
+        return slice(slots[0], slots[-1] + 1, step)
+    return None
+
+
 def _runs(segments: list[Segment]) -> list[_Run]:
     """Segments in order, adjacent ones of equal size, rank and scale merged into runs."""
     groups: list[list[Segment]] = []
@@ -94,9 +107,9 @@ def _runs(segments: list[Segment]) -> list[_Run]:
     runs, offset = [], 0
     for g in groups:
         first, count, slots = g[0], len(g), tuple(s.slot for s in g)
-        step = slots[1] - slots[0] if count > 1 else 1
-        even = step >= 1 and all(b - a == step for a, b in zip(slots, slots[1:]))
-        rows = slice(slots[0], slots[-1] + 1, step) if even else slice(None)
+        rows = _slot_rows(slots)
+        even = rows is not None
+        rows = rows if even else slice(None)
         width = count * first.size * first.rank
         runs.append(_Run(slots, first.start, first.start + count * first.size, first.size, count, first.rank,
                          first.scale, offset, width, even, (rows, slice(0, first.rank)),
@@ -110,7 +123,7 @@ def _batched(rows: torch.Tensor, count: int, copy: bool = True) -> torch.Tensor 
     block): a view when L == 1 or the rows are one [L * n, d] matrix, else a contiguous copy (None if `copy`
     is False)."""
     seq, m, d = rows.shape
-    if seq == 1 and count == 1:  # one segment of expert tokens: already [1, n, d]
+    if seq == 1 and count == 1:  # one segment of a one-token sequence: already [1, n, d]
         return rows
     n = m // count
     if seq == 1 or (count == 1 and rows.stride(0) == m * rows.stride(1)):
@@ -221,20 +234,18 @@ class _ExpandAdd(torch.autograd.Function):
         weights = [_weights(weight_b, r, r.b_index) for r in runs]
         ctx.save_for_backward(*rows)
         ctx.runs, ctx.param, ctx.weights = runs, weight_b, weights
-        rows_out = out if out.dim() == 3 else out.unsqueeze(0)  # expert tokens [T, out]: one sequence
         for r, hs, b in zip(runs, rows, weights):
             # the slot's scale on the rank-sized product (matmul alpha), not on the hidden-sized output
-            _mm_into(_cols(rows_out, r.start, r.end), r.count, hs, b.mT, r.scale, add=True)
+            _mm_into(_cols(out, r.start, r.end), r.count, hs, b.mT, r.scale, add=True)
         ctx.mark_dirty(out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         runs = ctx.runs
-        grad_y = grad_out if grad_out.dim() == 3 else grad_out.unsqueeze(0)
-        grad_h = grad_y.new_empty(grad_y.shape[0], sum(r.width for r in runs))
+        grad_h = grad_out.new_empty(grad_out.shape[0], sum(r.width for r in runs))
         for r, hs, b in zip(runs, ctx.saved_tensors, ctx.weights):
-            gy = _batched(_cols(grad_y, r.start, r.end), r.count)
+            gy = _batched(_cols(grad_out, r.start, r.end), r.count)
             # the slot's scale on the rank-sized products, not on the hidden-sized gradient
             _mm_into(_h_rows(grad_h, r), r.count, gy, b, r.scale)
             _accumulate(ctx.param, r, r.b_index, gy.mT, hs, r.scale)
@@ -253,12 +264,10 @@ def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool) ->
 
 
 def lora_add(out, x, weight_a, weight_b, segments, middle=lambda h: h, training=False):
-    """out + the whole LoRA delta of x [L, N, in] (or expert tokens [T, in] with out [T, out]), added into out
-    in place (weight_a [slots, max_rank, in], weight_b [slots, out, max_rank]); rows no segment covers keep
-    out's values. `middle` is the tensor-parallel communication of the packed h [L, sum n_k r_k] (identity
-    on one rank)."""
+    """out [L, N, out] + the whole LoRA delta of x [L, N, in], added into out in place (weight_a [slots,
+    max_rank, in], weight_b [slots, out, max_rank]); rows no segment covers keep out's values. `middle` is the
+    tensor-parallel communication of the packed h [L, sum n_k r_k] (identity on one rank)."""
     runs = _runs(segments)
-    x = x if x.dim() == 3 else x.unsqueeze(0)
     h = _Shrink.apply(segment_dropout(x, segments, training), weight_a, runs)
     if out._base is not None:  # autograd forbids writing into a view (megatron's reductions return their input)
         out = out.clone()
@@ -281,3 +290,198 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) ->
     """x[order] for a permutation `order` (inverse[order] = arange): a gather both ways, where advanced indexing
     costs ~7x more on CPU forward and scatter-adds into a zero-filled buffer backward."""
     return _Permute.apply(x, order, inverse)
+
+
+# ---- expert tokens: every local expert's LoRA in one batched GEMM per product ---------------------------------
+# On CPU torch's grouped_mm is a loop of one matmul per group (~6 us each at a few tokens per (expert, slot));
+# below this many elements per group (its padded input and output rows) one bmm over the groups padded to the
+# largest is cheaper than that loop, above it the padding's extra passes cost more (measured, tools/bench.py
+# case 8: tiny MoE ~8K elements per group, the d=1024 one ~150K). On GPU grouped_mm is one kernel: always used.
+_CPU_PADDED_GROUP = 32768
+
+
+class _ExpertRun(NamedTuple):
+    """Adjacent segments of expert tokens (rows [start, end) of x [T, in]) of one rank `rank`, of any sizes,
+    slots, scales and experts: one batched GEMM per product, either torch's grouped_mm over the jagged rows
+    (`offs`: int32 segment ends) or one bmm over the segments padded to `longest` rows (`pos`: each row's place
+    in the padded [G * longest] rows). `scales` are the segments'; `pieces` are (expert, slots, first, end):
+    consecutive segments of one expert, rows [first, end) of the run's stacked weights."""
+
+    start: int
+    end: int
+    rank: int
+    sizes: tuple
+    scales: tuple
+    pieces: tuple
+    longest: int
+    offs: torch.Tensor
+    pos: torch.Tensor
+
+    def padded(self, x: torch.Tensor, out_features: int, max_rank: int) -> bool:
+        """Padded bmm (small groups on CPU, or row strides grouped_mm refuses: not multiples of 16 bytes)."""
+        aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], out_features, self.rank, max_rank))
+        small = x.device.type == "cpu" and self.longest * (x.shape[1] + out_features) <= _CPU_PADDED_GROUP
+        return small or not aligned
+
+
+@functools.lru_cache(maxsize=8)  # fc1 and fc2 of a MoE layer usually have the same segments
+def _expert_runs(segments: tuple[Segment, ...], device: torch.device) -> tuple[_ExpertRun, ...]:
+    groups: list[list[Segment]] = []
+    for s in segments:
+        last = groups[-1][-1] if groups else None
+        if last is not None and (s.start, s.rank) == (last.end, last.rank):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    runs = []
+    for g in groups:
+        sizes = [s.size for s in g]
+        longest = max(sizes)
+        pieces = []
+        for i, s in enumerate(g):
+            if pieces and pieces[-1][0] == s.weight:
+                pieces[-1][1].append(s.slot)
+                pieces[-1][3] = i + 1
+            else:
+                pieces.append([s.weight, [s.slot], i, i + 1])
+        # row j of segment i goes to padded row i * longest + j
+        pos = torch.tensor([i * longest + j for i, n in enumerate(sizes) for j in range(n)], device=device)
+        offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        runs.append(_ExpertRun(g[0].start, g[-1].end, g[0].rank, tuple(sizes), tuple(s.scale for s in g),
+                               tuple((e, tuple(slots), a, b) for e, slots, a, b in pieces), longest, offs, pos))
+    return tuple(runs)
+
+
+def _stacked(weights: list[torch.Tensor], run: _ExpertRun, rank_dim: int) -> torch.Tensor:
+    """The run's segments' weights sliced to rank, stacked [G, ...] in segment order (a view when they are
+    evenly spaced slots of one expert, else one small copy): A [G, r, in] (rank_dim 1), B [G, out, r] (2)."""
+    parts = []
+    for e, slots, _, _ in run.pieces:
+        rows = _slot_rows(slots)
+        w = weights[e][rows] if rows is not None else weights[e].index_select(
+            0, torch.tensor(slots, device=weights[e].device))
+        parts.append(w.narrow(rank_dim, 0, run.rank))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _accumulate_stacked(params: list[torch.Tensor], run: _ExpertRun, grads: torch.Tensor, rank_dim: int) -> None:
+    """Add the stacked per-segment weight gradients [G, ...] into each expert parameter's .grad rows of those
+    slots (up to rank); nothing else is written."""
+    for e, slots, first, end in run.pieces:
+        p = params[e]
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        src = grads[first:end].to(p.grad.dtype)
+        rows = _slot_rows(slots)
+        if rows is not None:
+            p.grad[rows].narrow(rank_dim, 0, run.rank).add_(src)
+        else:
+            p.grad.narrow(rank_dim, 0, run.rank).index_add_(0, torch.tensor(slots, device=p.device), src)
+
+
+def _scaled(t: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
+    """The rank-sized t (rows [n, r], or padded [G, longest, r]) times each segment's scale, in t's dtype."""
+    if len(set(run.scales)) == 1:
+        return t if run.scales[0] == 1.0 else t * run.scales[0]
+    scales = torch.tensor(run.scales, device=t.device)
+    column = scales.view(-1, 1, 1) if t.dim() == 3 else torch.repeat_interleave(
+        scales, torch.tensor(run.sizes, device=t.device)).unsqueeze(1)
+    return (t * column).to(t.dtype)
+
+
+def _pad(rows: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
+    """Rows [n, d] of the run's segments -> [G, longest, d], zero where a segment is shorter."""
+    out = rows.new_zeros(len(run.sizes) * run.longest, rows.shape[1])
+    return out.index_copy_(0, run.pos, rows).view(len(run.sizes), run.longest, -1)
+
+
+def _unpad(padded: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
+    return padded.view(-1, padded.shape[-1]).index_select(0, run.pos)
+
+
+class _ExpertLoRA(torch.autograd.Function):
+    """out [T, out] += (the scaled LoRA products of every segment), one batched GEMM per product for each run,
+    in place (or a new tensor, zero where no segment is, when out is None). Experts need no tensor-parallel
+    communication of h (the token dispatcher does theirs), so shrink and expand are one function."""
+
+    @staticmethod
+    def forward(ctx, out, x, runs, n_experts, *params):
+        weights_a, weights_b = params[:n_experts], params[n_experts:]
+        new = out is None
+        if new and _uncovered(runs, x.shape[0]):
+            out = x.new_zeros(x.shape[0], weights_b[0].shape[1])
+        saved, stacked, padded = [], [], [run.padded(x, weights_b[0].shape[1], weights_b[0].shape[2])
+                                              for run in runs]
+        for run, pad in zip(runs, padded):
+            a, b = _stacked(weights_a, run, 1), _stacked(weights_b, run, 2)
+            xs = _rows(x, run)
+            if pad:  # x and h kept padded for the weight gradients
+                xs = _pad(xs, run)
+                hs = _scaled(torch.bmm(xs, a.mT), run)
+                product = _unpad(torch.bmm(hs, b.mT), run)
+            else:
+                hs = _scaled(torch.nn.functional.grouped_mm(xs, a.mT, offs=run.offs), run)
+                product = torch.nn.functional.grouped_mm(hs, b.mT, offs=run.offs)
+            if out is None:  # one run covering every row: the product is the delta
+                out = product
+            else:
+                _rows(out, run).add_(product)
+            saved += [xs, hs]
+            stacked.append((a, b))
+        ctx.save_for_backward(*saved)
+        ctx.runs, ctx.padded, ctx.weights_a, ctx.weights_b, ctx.stacked = runs, padded, weights_a, weights_b, stacked
+        ctx.x_shape, ctx.new = x.shape, new
+        if not new:
+            ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        runs, saved = ctx.runs, ctx.saved_tensors
+        gmm = torch.nn.functional.grouped_mm
+        grad_x = None
+        if ctx.needs_input_grad[1] and (_uncovered(runs, ctx.x_shape[0]) or len(runs) > 1):
+            grad_x = grad_out.new_zeros(ctx.x_shape)
+        for i, (run, pad, (a, b)) in enumerate(zip(runs, ctx.padded, ctx.stacked)):
+            xs, hs = saved[2 * i], saved[2 * i + 1]
+            gy = _rows(grad_out, run)
+            if pad:
+                gy = _pad(gy, run)
+                g_h = _scaled(torch.bmm(gy, b), run)
+                grad_b, grad_a = torch.bmm(gy.mT, hs), torch.bmm(g_h.mT, xs)
+            else:
+                g_h = _scaled(gmm(gy, b, offs=run.offs), run)
+                grad_b, grad_a = gmm(gy.t(), hs, offs=run.offs), gmm(g_h.t(), xs, offs=run.offs)
+            _accumulate_stacked(ctx.weights_b, run, grad_b, 2)
+            _accumulate_stacked(ctx.weights_a, run, grad_a, 1)
+            if ctx.needs_input_grad[1]:
+                gx = _unpad(torch.bmm(g_h, a), run) if pad else gmm(g_h, a, offs=run.offs)
+                if grad_x is None:
+                    grad_x = gx
+                else:
+                    _rows(grad_x, run).copy_(gx)
+        return (None if ctx.new else grad_out), grad_x, None, None, *([None] * (2 * len(ctx.weights_a)))
+
+
+def _rows(t: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
+    return t if run.start == 0 and run.end == t.shape[0] else t[run.start:run.end]
+
+
+def _uncovered(runs: list[_ExpertRun], n: int) -> bool:
+    return not (len(runs) == 1 and runs[0].start == 0 and runs[0].end == n)
+
+
+def expert_lora(out, x, weights_a, weights_b, segments, training=False):
+    """The LoRA of expert tokens x [T, in] whose segments (token rows of one (local expert, slot), sorted) may
+    belong to different local experts: segment.weight indexes weights_a ([slots, max_rank, in] per expert) and
+    weights_b ([slots, out, max_rank]). Added into out [T, out] in place, or returned as a new tensor (zero on
+    rows no segment covers) when out is None. One batched GEMM per product for each run of equal rank, however
+    many experts and slots it spans: a matmul per (expert, slot) segment made the expert LoRA cost ~4x the
+    same tokens x rank on one dense linear (tools/bench.py case 8)."""
+    runs = _expert_runs(tuple(segments), x.device)
+    if not runs:
+        return out if out is not None else x.new_zeros(x.shape[0], weights_b[0].shape[1])
+    x = segment_dropout(x.unsqueeze(0), segments, training)[0]
+    if out is not None and out._base is not None:  # autograd forbids writing into a view
+        out = out.clone()
+    return _ExpertLoRA.apply(out, x, runs, len(weights_a), *weights_a, *weights_b)

@@ -47,14 +47,15 @@ class AdapterRouting:
     def segments(self, kind: str) -> list[Segment]:
         return self._segments.get(kind, [])
 
-    def token_segments(self, kind: str, slot_counts) -> list[Segment]:
-        """Segments of one expert's tokens, given as (slot, count) runs in token order."""
+    def expert_segments(self, kind: str, runs) -> list[Segment]:
+        """Segments of the dispatched tokens of a MoE layer's local experts, given as (local expert, slot, count)
+        runs in token order (segment.weight = the local expert)."""
         segments, start = [], 0
-        for slot, count in slot_counts:
+        for expert, slot, count in runs:
             entry = self._slot_specs.get(slot)
             if entry is not None and kind in entry[1]:
                 spec = entry[0]
-                segments.append(Segment(slot, start, start + count, spec.rank, spec.scale, spec.dropout))
+                segments.append(Segment(slot, start, start + count, spec.rank, spec.scale, spec.dropout, expert))
             elif slot != NO_ADAPTER and entry is None:
                 raise ValueError(f"tokens are routed to slot {slot}, which no tenant holds")
             start += count
