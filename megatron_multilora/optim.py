@@ -597,26 +597,27 @@ class SlotOptimizer:
         skipped = act & ~finite
         stepped = act & finite
 
-        # ---- per-slot scalars of the stepping slots (Python over slots, never over elements).
+        # ---- per-slot scalars of the stepping slots (Python floats over slots, never over elements).
         idx = stepped.nonzero().flatten().tolist()
-        for k in active_idx:
-            lr_rep[k] = self._hparams[k].schedule.lr_at(self._steps[k])
+        lrs = {k: self._hparams[k].schedule.lr_at(self._steps[k]) for k in active_idx}
+        lr_rep[active_idx] = torch.tensor(list(lrs.values()), dtype=torch.float64)
         if not idx:
             return StepReport(grad_norm, lr_rep, clip_rep, skipped, stepped)
-        coef, w1, w2, decay, eps_hat, neg_hat = [], [], [], [], [], []
+        norm_of, scale_of = norms.tolist(), scale.tolist()
+        coef, clips, w1, w2, decay, eps_hat, neg_hat = [], [], [], [], [], [], []
         for k in idx:
             hp = self._hparams[k]
             b1, b2 = hp.betas
-            lr = lr_rep[k].item()
+            lr = lrs[k]
             t = self._steps[k] + 1
             c = 1.0
             if hp.clipping:
-                c_try = hp.clip_grad / (norms[k].item() + _CLIP_NORM_EPS)
+                c_try = hp.clip_grad / (norm_of[k] + _CLIP_NORM_EPS)
                 if c_try < 1.0:
                     c = c_try
-            clip_rep[k] = c
+            clips.append(c)
             bc2_sqrt = (1.0 - b2 ** t) ** 0.5
-            coef.append(scale[k].item() * c)
+            coef.append(scale_of[k] * c)
             w1.append(1.0 - b1)
             w2.append(1.0 - b2)
             decay.append(1.0 - lr * hp.weight_decay)
@@ -624,6 +625,7 @@ class SlotOptimizer:
             # per-slot factors (saves a pass): m / ((sqrt(v) + eps * bc2_sqrt) / (lr * bc2_sqrt / bc1)).
             eps_hat.append(hp.eps * bc2_sqrt)
             neg_hat.append(-(lr * bc2_sqrt / (1.0 - b1 ** t)))
+        clip_rep[idx] = torch.tensor(clips, dtype=torch.float64)
         factors = {
             "coef": coef, "w1": w1, "w2": w2, "decay": decay, "eps_hat": eps_hat, "neg_hat": neg_hat,
         }

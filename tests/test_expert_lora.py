@@ -200,3 +200,20 @@ def test_experts_and_ranks_without_tokens(reference, starved_reference, dispatch
     assert any(bool(grads[k].any()) for k in fed)
     for key, r in starved_reference.items():
         assert _rel(grads[key], r) <= 1e-5, (key, _rel(grads[key], r))
+
+
+@pytest.mark.parametrize("flag,value", [("moe_apply_probs_on_input", True), ("fp8", "e4m3"),
+                                        ("moe_permute_fusion", True), ("moe_pad_expert_input_to_capacity", True)])
+def test_unsupported_expert_configs_are_refused_by_name(flag, value):
+    """Configs under which the experts would see other tokens than the dispatcher's (scaled, padded) or another
+    permutation than the one slot ids replay are refused up front, naming the setting."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    from megatron_multilora.lora.experts import track_expert_slots
+
+    layer = SimpleNamespace(token_dispatcher=object.__new__(MoEAllGatherTokenDispatcher), experts=None,
+                            config=SimpleNamespace(**{flag: value}))
+    with pytest.raises(NotImplementedError, match=flag):
+        track_expert_slots(layer)

@@ -132,30 +132,25 @@ class SlotLoRASequentialMLP:
             inverse[order] = torch.arange(order.numel(), device=order.device)
             permuted_hidden = ops.permute_rows(permuted_hidden, order, inverse)
             permuted_probs = permuted_probs[order]
-        fc1 = [e.linear_fc1 for e in self.local_experts if hasattr(e.linear_fc1, "lora_kind")]
-        fc2 = [e.linear_fc2 for e in self.local_experts if hasattr(e.linear_fc2, "lora_kind")]
+        io1, io2 = self.lora_io
+        fc1, fc2 = io1.linears, io2.linears
         runs = self._expert_slot_runs(keys, width)
         seg1 = routing.expert_segments(fc1[0].lora_kind, runs) if fc1 else []
         seg2 = routing.expert_segments(fc2[0].lora_kind, runs) if fc2 else []
         try:
             if seg1:
-                x = permuted_hidden
-                if self.config.moe_apply_probs_on_input:  # what megatron's experts then see
-                    x = (permuted_probs.unsqueeze(-1) * x).to(x.dtype)
-                delta = ops.expert_lora(None, x, [lin.lora_A for lin in fc1], [lin.lora_B for lin in fc1], seg1,
-                                        self.training)
-                for lin, piece in zip(fc1, delta.split(counts)):
-                    lin.lora_expert_delta = piece
-            for lin in fc2 if seg2 else ():
-                lin.lora_expert_inputs = []
+                delta = ops.expert_lora(None, permuted_hidden, [lin.lora_A for lin in fc1], [lin.lora_B for lin in fc1],
+                                        seg1, self.training)
+                io1.deltas = delta.split(counts)
+            if seg2:
+                io2.inputs = [None] * len(fc2)
             out, bias = super().forward(permuted_hidden, tokens_per_expert, permuted_probs)
-            if seg2:  # (inputs padded for quantization are cut back to the expert's tokens)
-                act = torch.cat([lin.lora_expert_inputs[-1][:n] for lin, n in zip(fc2, counts)])
+            if seg2:
+                act = torch.cat(io2.inputs)
                 out = ops.expert_lora(out, act, [lin.lora_A for lin in fc2], [lin.lora_B for lin in fc2], seg2,
                                       self.training)
         finally:
-            for lin in fc1 + fc2:
-                lin.lora_expert_delta = lin.lora_expert_inputs = None
+            io1.deltas = io2.inputs = None
         if order is not None:
             out = ops.permute_rows(out, inverse, order)
         return out, bias
@@ -165,6 +160,18 @@ class SlotLoRASequentialMLP:
         """(local expert, slot, tokens) runs in token order from the layer's sorted (expert, slot) keys."""
         values, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
         return [(key // width, key % width - 1, count) for key, count in zip(values.tolist(), counts.tolist())]
+
+
+class ExpertLoRAHandover:
+    """What a MoE layer's experts wrapper and its expert fc1s (or fc2s) hand each other during one forward: fc1's
+    LoRA delta per local expert (added to that expert's fc1 output), or the inputs of the fc2s (their LoRA runs
+    after megatron's expert loop). A plain object the linears share, set up once (per-forward module attributes
+    would cost a Module.__setattr__ per linear)."""
+
+    def __init__(self, linears: list):
+        self.linears = linears  # the wrapped expert linears of one kind, by local expert
+        self.deltas = None  # fc1: local expert -> its rows of the LoRA delta
+        self.inputs = None  # fc2: local expert -> the input it saw
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -193,12 +200,20 @@ def track_expert_slots(moe_layer) -> None:
             f"expert LoRA follows tokens through the allgather and alltoall dispatchers, not "
             f"{type(dispatcher).__name__}: set moe_token_dispatcher_type to 'allgather' or 'alltoall'"
         )
-    # The slot ids replay megatron's unfused permutation with the reversed mapping as token indices.
-    for flag in ("moe_permute_fusion", "moe_pad_expert_input_to_capacity", "moe_router_padding_for_quantization"):
-        if getattr(config, flag, False):
-            raise NotImplementedError(f"expert LoRA does not support {flag}=True")
+    # The slot ids replay megatron's unfused permutation with the reversed mapping as token indices, and the experts'
+    # LoRA sees exactly the tokens megatron hands the experts (no padding, no probabilities applied on the input).
+    for flag in ("moe_permute_fusion", "moe_pad_expert_input_to_capacity", "moe_router_padding_for_quantization",
+                 "moe_apply_probs_on_input", "fp8", "fp4"):
+        if getattr(config, flag, None):
+            raise NotImplementedError(f"expert LoRA does not support {flag}={getattr(config, flag)!r}")
     if not isinstance(experts, SequentialMLP):
         raise NotImplementedError(f"expert LoRA needs SequentialMLP experts, not {type(experts).__name__}")
     dispatcher.__class__ = _with_mixin(mixin, type(dispatcher))
     experts.__class__ = _with_mixin(SlotLoRASequentialMLP, type(experts))
     experts.lora_dispatcher = dispatcher
+    experts.lora_io = tuple(
+        ExpertLoRAHandover([lin for e in experts.local_experts if hasattr(lin := getattr(e, name), "lora_kind")])
+        for name in ("linear_fc1", "linear_fc2"))
+    for io in experts.lora_io:
+        for index, linear in enumerate(io.linears):
+            linear.lora_expert_io, linear.lora_expert_index = io, index

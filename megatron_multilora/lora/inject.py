@@ -42,10 +42,10 @@ def inject_lora(model, table: SlotTable) -> list:
         p.requires_grad_(False)
     global_names = _global_layer_names(model)
     expert_targets = [k for k in table.target_modules if k in EXPERT_TARGETS]
-    layers = []
+    layers, moe_layers = [], []
     for name, module in list(model.named_modules()):
         if expert_targets and hasattr(module, "token_dispatcher") and hasattr(module, "experts"):
-            track_expert_slots(module)
+            moe_layers.append(module)
             continue
         base_kind = name.rsplit(".", 1)[-1]
         if base_kind not in _DENSE_KINDS:
@@ -63,6 +63,8 @@ def inject_lora(model, table: SlotTable) -> list:
             column=column, tp_group=module.tp_group, sequence_parallel=module.sequence_parallel, expert=expert,
         )
         layers.append(module)
+    for module in moe_layers:  # (after its expert linears are wrapped)
+        track_expert_slots(module)
     table.layers.extend(layers)
     if getattr(model, "pre_process", False):
         model.embedding.register_forward_hook(_embedding_output_hook(model))

@@ -60,9 +60,8 @@ class SlotLoRALinear:
         partial = self.lora_tp_size > 1 and (self.lora_sequence_parallel or self.lora_dispatcher_comm)
         # A gradient that is a partial sum over this TP group (summed once per step by lora.grads).
         replicated.partial_grad_group = tp_group if partial else None
-        # expert linears: set by the experts wrapper for one forward (lora/experts.py SlotLoRASequentialMLP)
-        self.lora_expert_delta = None  # fc1: this expert's rows of the grouped LoRA delta, added to the output
-        self.lora_expert_inputs = None  # fc2: a list this linear hands its input to
+        # expert linears: what they exchange with the experts wrapper (lora/experts.py ExpertLoRAHandover)
+        self.lora_expert_io, self.lora_expert_index = None, 0
         for p in (self.lora_A, self.lora_B):
             p.lora_param = True
             p.norm_group = "expert" if expert else "dense"
@@ -136,13 +135,12 @@ class SlotLoRALinear:
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
-        if self.lora_kind in EXPERT_TARGETS:  # dispatched tokens: the experts wrapper does their LoRA
-            if self.lora_expert_delta is not None:
-                delta = self.lora_expert_delta
-                rows = output.shape[0] - delta.shape[0]  # rows padded for quantization get none
-                output = output + (torch.nn.functional.pad(delta, (0, 0, 0, rows)) if rows else delta)
-            if self.lora_expert_inputs is not None:
-                self.lora_expert_inputs.append(input_)
+        if self.lora_kind in EXPERT_TARGETS:  # dispatched tokens: the experts wrapper does all local experts' LoRA
+            io = self.lora_expert_io
+            if io.deltas is not None:  # fc1: add this expert's rows of the delta (before the activation)
+                output = output + io.deltas[self.lora_expert_index]
+            if io.inputs is not None:  # fc2: hand the input over
+                io.inputs[self.lora_expert_index] = input_
             return output, bias
         routing = routing_lib.current()
         segments = routing.segments(self.lora_kind) if routing is not None else []

@@ -44,15 +44,14 @@ all-reduce of h silently needs that).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Rows [start, end) along N belong to `slot`, which uses `rank` rows of A and has scale `scale`."""
+class Segment(NamedTuple):
+    """Rows [start, end) along N belong to `slot`, which uses `rank` rows of A and has scale `scale` (a tuple:
+    built per micro-batch and layer, hashed as a cache key, so cheap to make and compare)."""
 
     slot: int
     start: int
@@ -318,10 +317,12 @@ class _ExpertRun(NamedTuple):
     pos: torch.Tensor
 
     def padded(self, x: torch.Tensor, out_features: int, max_rank: int) -> bool:
-        """Padded bmm (small groups on CPU, or row strides grouped_mm refuses: not multiples of 16 bytes)."""
+        """Padded bmm where torch's grouped_mm does not take the input (row strides must be multiples of 16
+        bytes; on CUDA it documents bf16 on sm80+ only) or, on CPU, where the groups are small."""
         aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], out_features, self.rank, max_rank))
-        small = x.device.type == "cpu" and self.longest * (x.shape[1] + out_features) <= _CPU_PADDED_GROUP
-        return small or not aligned
+        if x.device.type == "cpu":
+            return not aligned or self.longest * (x.shape[1] + out_features) <= _CPU_PADDED_GROUP
+        return not aligned or x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0)
 
 
 @functools.lru_cache(maxsize=8)  # fc1 and fc2 of a MoE layer usually have the same segments
@@ -366,7 +367,8 @@ def _stacked(weights: list[torch.Tensor], run: _ExpertRun, rank_dim: int) -> tor
 
 def _accumulate_stacked(params: list[torch.Tensor], run: _ExpertRun, grads: torch.Tensor, rank_dim: int) -> None:
     """Add the stacked per-segment weight gradients [G, ...] into each expert parameter's .grad rows of those
-    slots (up to rank); nothing else is written."""
+    slots (up to rank), one foreach add for all experts; nothing else is written."""
+    rows_of, sources = [], []
     for e, slots, first, end in run.pieces:
         p = params[e]
         if p.grad is None:
@@ -374,9 +376,12 @@ def _accumulate_stacked(params: list[torch.Tensor], run: _ExpertRun, grads: torc
         src = grads[first:end].to(p.grad.dtype)
         rows = _slot_rows(slots)
         if rows is not None:
-            p.grad[rows].narrow(rank_dim, 0, run.rank).add_(src)
+            rows_of.append(p.grad[rows].narrow(rank_dim, 0, run.rank))
+            sources.append(src)
         else:
             p.grad.narrow(rank_dim, 0, run.rank).index_add_(0, torch.tensor(slots, device=p.device), src)
+    if rows_of:
+        torch._foreach_add_(rows_of, sources)
 
 
 def _scaled(t: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
