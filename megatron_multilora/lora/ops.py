@@ -295,7 +295,8 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) ->
 # On CPU torch's grouped_mm is a loop of one matmul per group (~6 us each at a few tokens per (expert, slot));
 # below this many elements per group (its padded input and output rows) one bmm over the groups padded to the
 # largest is cheaper than that loop, above it the padding's extra passes cost more (measured, tools/bench.py
-# case 8: tiny MoE ~8K elements per group, the d=1024 one ~150K). On GPU grouped_mm is one kernel: always used.
+# case 8: tiny MoE ~8K elements per group, the d=1024 one ~150K). On GPU grouped_mm is one kernel wherever torch
+# has it (_ExpertRun.padded).
 _CPU_PADDED_GROUP = 32768
 
 
