@@ -304,18 +304,21 @@ class _ExpertRun(NamedTuple):
     """Adjacent segments of expert tokens (rows [start, end) of x [T, in]) of one rank `rank`, of any sizes,
     slots, scales and experts: one batched GEMM per product, either torch's grouped_mm over the jagged rows
     (`offs`: int32 segment ends) or one bmm over the segments padded to `longest` rows (`pos`: each row's place
-    in the padded [G * longest] rows). `scales` are the segments'; `pieces` are (expert, slots, first, end):
-    consecutive segments of one expert, rows [first, end) of the run's stacked weights."""
+    in the padded [G * longest] rows). `scale` is the segments' common scale, or their scales per row [n, 1] and
+    per padded segment [G, 1, 1]; `pieces` are (expert, slot rows, first, end): consecutive segments of one
+    expert, its weights' rows of those slots (a slice, or an index tensor when not evenly spaced) and rows
+    [first, end) of the run's stacked weights."""
 
     start: int
     end: int
     rank: int
     sizes: tuple
-    scales: tuple
+    scale: float | tuple
     pieces: tuple
     longest: int
     offs: torch.Tensor
     pos: torch.Tensor
+    gaps: torch.Tensor | None  # the padded rows no token fills (None: all segments are equally long)
 
     def padded(self, x: torch.Tensor, out_features: int, max_rank: int) -> bool:
         """Padded bmm where torch's grouped_mm does not take the input (row strides must be multiples of 16
@@ -348,57 +351,79 @@ def _expert_runs(segments: tuple[Segment, ...], device: torch.device) -> tuple[_
                 pieces.append([s.weight, [s.slot], i, i + 1])
         # row j of segment i goes to padded row i * longest + j
         pos = torch.tensor([i * longest + j for i, n in enumerate(sizes) for j in range(n)], device=device)
+        gaps = [i * longest + j for i, n in enumerate(sizes) for j in range(n, longest)]
+        gaps = torch.tensor(gaps, device=device) if gaps else None
         offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-        runs.append(_ExpertRun(g[0].start, g[-1].end, g[0].rank, tuple(sizes), tuple(s.scale for s in g),
-                               tuple((e, tuple(slots), a, b) for e, slots, a, b in pieces), longest, offs, pos))
+        scale = g[0].scale
+        if any(s.scale != scale for s in g):
+            scales = torch.tensor([s.scale for s in g], device=device)
+            scale = (torch.repeat_interleave(scales, torch.tensor(sizes, device=device)).unsqueeze(1),
+                     scales.view(-1, 1, 1))
+        pieces = tuple((e, _slot_index(tuple(slots), device), a, b) for e, slots, a, b in pieces)
+        runs.append(_ExpertRun(g[0].start, g[-1].end, g[0].rank, tuple(sizes), scale, pieces, longest, offs, pos,
+                               gaps))
     return tuple(runs)
+
+
+def _slot_index(slots: tuple, device) -> slice | torch.Tensor:
+    """The rows of `slots`: a slice when they are evenly spaced (a view), else an index tensor (a gather)."""
+    rows = _slot_rows(slots)
+    return rows if rows is not None else torch.tensor(slots, device=device)
 
 
 def _stacked(weights: list[torch.Tensor], run: _ExpertRun, rank_dim: int) -> torch.Tensor:
     """The run's segments' weights sliced to rank, stacked [G, ...] in segment order (a view when they are
     evenly spaced slots of one expert, else one small copy): A [G, r, in] (rank_dim 1), B [G, out, r] (2)."""
     parts = []
-    for e, slots, _, _ in run.pieces:
-        rows = _slot_rows(slots)
-        w = weights[e][rows] if rows is not None else weights[e].index_select(
-            0, torch.tensor(slots, device=weights[e].device))
-        parts.append(w.narrow(rank_dim, 0, run.rank))
+    for e, rows, _, _ in run.pieces:
+        w = weights[e][rows] if isinstance(rows, slice) else weights[e].index_select(0, rows)
+        parts.append(_to_rank(w, run.rank, rank_dim))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _to_rank(w: torch.Tensor, rank: int, rank_dim: int) -> torch.Tensor:
+    return w if w.shape[rank_dim] == rank else w.narrow(rank_dim, 0, rank)
 
 
 def _accumulate_stacked(params: list[torch.Tensor], run: _ExpertRun, grads: torch.Tensor, rank_dim: int) -> None:
     """Add the stacked per-segment weight gradients [G, ...] into each expert parameter's .grad rows of those
     slots (up to rank), one foreach add for all experts; nothing else is written."""
     rows_of, sources = [], []
-    for e, slots, first, end in run.pieces:
+    for e, rows, first, end in run.pieces:
         p = params[e]
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        src = grads[first:end].to(p.grad.dtype)
-        rows = _slot_rows(slots)
-        if rows is not None:
-            rows_of.append(p.grad[rows].narrow(rank_dim, 0, run.rank))
+        src = grads[first:end] if grads.dtype == p.grad.dtype else grads[first:end].to(p.grad.dtype)
+        if isinstance(rows, slice):
+            rows_of.append(_to_rank(p.grad[rows], run.rank, rank_dim))
             sources.append(src)
         else:
-            p.grad.narrow(rank_dim, 0, run.rank).index_add_(0, torch.tensor(slots, device=p.device), src)
+            _to_rank(p.grad, run.rank, rank_dim).index_add_(0, rows, src)
     if rows_of:
         torch._foreach_add_(rows_of, sources)
 
 
 def _scaled(t: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
     """The rank-sized t (rows [n, r], or padded [G, longest, r]) times each segment's scale, in t's dtype."""
-    if len(set(run.scales)) == 1:
-        return t if run.scales[0] == 1.0 else t * run.scales[0]
-    scales = torch.tensor(run.scales, device=t.device)
-    column = scales.view(-1, 1, 1) if t.dim() == 3 else torch.repeat_interleave(
-        scales, torch.tensor(run.sizes, device=t.device)).unsqueeze(1)
-    return (t * column).to(t.dtype)
+    if not isinstance(run.scale, tuple):
+        return t if run.scale == 1.0 else t * run.scale
+    return (t * run.scale[t.dim() - 2]).to(t.dtype)
 
 
 def _pad(rows: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
     """Rows [n, d] of the run's segments -> [G, longest, d], zero where a segment is shorter."""
-    out = rows.new_zeros(len(run.sizes) * run.longest, rows.shape[1])
-    return out.index_copy_(0, run.pos, rows).view(len(run.sizes), run.longest, -1)
+    out = rows.new_empty(len(run.sizes) * run.longest, rows.shape[1]).index_copy_(0, run.pos, rows)
+    if run.gaps is not None:
+        out.index_fill_(0, run.gaps, 0)
+    return out.view(len(run.sizes), run.longest, -1)
+
+
+def _bmm_scaled(a: torch.Tensor, b: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
+    """a @ b [G, longest, r] times each segment's scale: a common one as the matmul's alpha (no extra pass)."""
+    if isinstance(run.scale, tuple):
+        return _scaled(torch.bmm(a, b), run)
+    out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+    return out.baddbmm_(a, b, beta=0, alpha=run.scale)
 
 
 def _unpad(padded: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
@@ -423,7 +448,7 @@ class _ExpertLoRA(torch.autograd.Function):
             xs = _rows(x, run)
             if pad:  # x and h kept padded for the weight gradients
                 xs = _pad(xs, run)
-                hs = _scaled(torch.bmm(xs, a.mT), run)
+                hs = _bmm_scaled(xs, a.mT, run)
                 product = _unpad(torch.bmm(hs, b.mT), run)
             else:
                 hs = _scaled(torch.nn.functional.grouped_mm(xs, a.mT, offs=run.offs), run)
@@ -453,7 +478,7 @@ class _ExpertLoRA(torch.autograd.Function):
             gy = _rows(grad_out, run)
             if pad:
                 gy = _pad(gy, run)
-                g_h = _scaled(torch.bmm(gy, b), run)
+                g_h = _bmm_scaled(gy, b, run)
                 grad_b, grad_a = torch.bmm(gy.mT, hs), torch.bmm(g_h.mT, xs)
             else:
                 g_h = _scaled(gmm(gy, b, offs=run.offs), run)
