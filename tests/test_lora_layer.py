@@ -396,7 +396,8 @@ def test_expert_lora_matches_per_segment_reference(monkeypatch, case, padded):
     monkeypatch.setattr(ops, "_CPU_PADDED_GROUP", 10**9 if padded else 0)
     grouped_calls = []
     real_grouped_mm = torch.nn.functional.grouped_mm
-    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: grouped_calls.append(1) or real_grouped_mm(*a, **k))
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm",
+                        lambda *a, **k: grouped_calls.append(1) or real_grouped_mm(*a, **k))
     segs, n, d_in, d_out = EXPERT_CASES[case]
     gen = torch.Generator().manual_seed(9)
     a_ws = [torch.nn.Parameter(torch.randn(6, 8, d_in, generator=gen)) for _ in range(3)]

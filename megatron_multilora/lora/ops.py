@@ -29,16 +29,16 @@ their rank) are written, so an idle slot costs nothing in backward and keeps an 
 
 Cost (tools/bench.py, profiled): the LoRA matmuls are skinny and memory-bound, so every extra pass over a
 hidden-sized tensor shows. A slot's scale multiplies the rank-sized products (matmul alpha), never the
-hidden-sized output or gradient. A run's rows are a view when they form one matrix per segment (L == 1, or one segment
-spanning the micro-batch: then nothing is sliced or copied), else copied once
-into [G, L * n, d] (kept for backward; strided views of one-sample segments made the weight-gradient bmm ~2x
-slower than the copy); products are written straight into the output's rows when those are a view, else
-through one temporary. The delta is added into the base linear's output in place (no delta tensor, no add
-pass: one adapter's step over its frozen base 1.08 -> 1.04 at d=1024, bench case 9); autograd refuses that on
-a view, so an output that is one (megatron's TP reductions return their input) is copied first, and anything
-that saved the base output for its backward would fail loudly on the version counter, never silently. Rows no
-slot targets are the only ones zero-filled (input gradients); h and the gradients are contiguous (megatron's
-all-reduce of h silently needs that).
+hidden-sized output or gradient. A run's rows are a view when they form one matrix per segment (L == 1, or one
+segment spanning the micro-batch: then nothing is sliced or copied), else copied once into [G, L * n, d] (kept
+for backward; strided views of one-sample segments made the weight-gradient bmm ~2x slower than the copy);
+products are written straight into the output's rows when those are a view, else through one temporary. The
+delta is added into the base linear's output in place (no delta tensor, no add pass: one adapter's step over its
+frozen base 1.08 -> 1.04 at d=1024, bench case 9); autograd refuses that on a view, so an output that is one
+(megatron's TP reductions return their input) is copied first, and anything that saved the base output for its
+backward would fail loudly on the version counter, never silently. Rows no slot targets are the only ones
+zero-filled (input gradients); h and the gradients are contiguous (megatron's all-reduce of h silently needs
+that).
 """
 
 from __future__ import annotations
@@ -407,7 +407,8 @@ def _scaled(t: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
     """The rank-sized t (rows [n, r], or padded [G, longest, r]) times each segment's scale, in t's dtype."""
     if not isinstance(run.scale, tuple):
         return t if run.scale == 1.0 else t * run.scale
-    return (t * run.scale[t.dim() - 2]).to(t.dtype)
+    per_row, per_segment = run.scale
+    return (t * (per_segment if t.dim() == 3 else per_row)).to(t.dtype)
 
 
 def _pad(rows: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
@@ -507,8 +508,8 @@ def expert_lora(out, x, weights_a, weights_b, segments, training=False):
     belong to different local experts: segment.weight indexes weights_a ([slots, max_rank, in] per expert) and
     weights_b ([slots, out, max_rank]). Added into out [T, out] in place, or returned as a new tensor (zero on
     rows no segment covers) when out is None. One batched GEMM per product for each run of equal rank, however
-    many experts and slots it spans: a matmul per (expert, slot) segment made the expert LoRA cost ~4x the
-    same tokens x rank on one dense linear (tools/bench.py case 8)."""
+    many experts and slots it spans: a matmul per (expert, slot) segment made the expert LoRA cost 5.2x the
+    same tokens x rank on a dense MLP (tools/bench.py case 8, tiny shape)."""
     runs = _expert_runs(tuple(segments), x.device)
     if not runs:
         return out if out is not None else x.new_zeros(x.shape[0], weights_b[0].shape[1])
