@@ -171,7 +171,12 @@ def test_optimizer_reads_side_by_side_grads_in_one_op_with_bitwise_equal_results
 
     fused = []
     real = optim._pieces
-    monkeypatch.setattr(optim, "_pieces", lambda *a: fused.extend(real(*a)) or real(*a))
+    def spy(*args):
+        pieces = real(*args)
+        fused.extend(pieces)
+        return pieces
+
+    monkeypatch.setattr(optim, "_pieces", spy)
     results = {}
     for layout in ("separate", "buffer", "buffer-reversed"):
         params = make_params(duplicate=())

@@ -349,11 +349,16 @@ def _expert_runs(segments: tuple[Segment, ...], device: torch.device) -> tuple[_
                 pieces[-1][3] = i + 1
             else:
                 pieces.append([s.weight, [s.slot], i, i + 1])
-        # row j of segment i goes to padded row i * longest + j
-        pos = torch.tensor([i * longest + j for i, n in enumerate(sizes) for j in range(n)], device=device)
-        gaps = [i * longest + j for i, n in enumerate(sizes) for j in range(n, longest)]
-        gaps = torch.tensor(gaps, device=device) if gaps else None
-        offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        # row j of segment i goes to padded row i * longest + j (a few tensor ops, not a Python loop per token)
+        size_t = torch.tensor(sizes, device=device)
+        ends = size_t.cumsum(0)
+        pos = torch.arange(sum(sizes), device=device) + torch.repeat_interleave(
+            torch.arange(len(sizes), device=device) * longest - (ends - size_t), size_t)
+        gaps = None
+        if sum(sizes) < len(sizes) * longest:
+            filled = torch.zeros(len(sizes) * longest, dtype=torch.bool, device=device).index_fill_(0, pos, True)
+            gaps = (~filled).nonzero().flatten()
+        offs = ends.to(torch.int32)
         scale = g[0].scale
         if any(s.scale != scale for s in g):
             scales = torch.tensor([s.scale for s in g], device=device)
