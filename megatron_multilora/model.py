@@ -97,6 +97,17 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+def _equal_packed_samples(tokens: int, params) -> int:
+    """The number of packed ("thd") sequences when all of them are equally long (as forward_micro_batch packs
+    them), else 0: varying lengths take megatron's own path (which refuses packed sequences without
+    transformer-engine)."""
+    if params is None or params.qkv_format != "thd" or params.max_seqlen_q != params.max_seqlen_kv:
+        return 0
+    samples = params.cu_seqlens_q.numel() - 1
+    same = params.cu_seqlens_kv is params.cu_seqlens_q or torch.equal(params.cu_seqlens_kv, params.cu_seqlens_q)
+    return samples if same and samples * params.max_seqlen_q == tokens else 0
+
+
 @functools.cache
 def sdpa_attention_class():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -105,28 +116,34 @@ def sdpa_attention_class():
     class SDPAttention(DotProductAttention):
         """megatron's local DotProductAttention through torch's scaled_dot_product_attention: fused (flash /
         memory-efficient) kernels on GPU and CPU instead of materialising [b, heads, s, s] scores in fp32, and
-        GQA without repeating keys and values. Anything it does not cover (dropout, attention bias, packed
-        sequences, softmax offsets, sliding windows, query-key layer scaling) takes megatron's own path."""
+        GQA without repeating keys and values, and token-major micro-batches (forward_micro_batch: packed
+        sequences of equal length). Anything it does not cover (dropout, attention bias, packed sequences of
+        varying lengths, softmax offsets, sliding windows, query-key layer scaling) takes megatron's own path."""
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            samples = _equal_packed_samples(query.shape[0], packed_seq_params)
             plain = (
-                attention_bias is None and packed_seq_params is None and self.softmax_offset is None
+                attention_bias is None and (packed_seq_params is None or samples) and self.softmax_offset is None
                 and not (self.training and self.attention_dropout.p > 0)
                 and self.scale_mask_softmax.window_size is None and not self.config.apply_query_key_layer_scaling
-                and (mask_type == AttnMaskType.causal or attention_mask is not None)
+                and (mask_type == AttnMaskType.causal or (attention_mask is not None and not samples))
             )
             if not plain:
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                        packed_seq_params)
+            if samples:  # token-major [b * s, n, d]: a view as [b, s, n, d], each sample attending within itself
+                q, k, v = (t.view(samples, -1, *t.shape[1:]).transpose(1, 2) for t in (query, key, value))
+                out = self._sdpa(q, k, v, None).transpose(1, 2)
+                return out.reshape(query.shape[0], self.hidden_size_per_partition)
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, n, d] -> [b, n, s, d]
-            causal = mask_type == AttnMaskType.causal
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if causal else ~attention_mask, is_causal=causal,
-                scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
-            )
+            out = self._sdpa(q, k, v, None if mask_type == AttnMaskType.causal else ~attention_mask)
             return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+
+        def _sdpa(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
 
     return SDPAttention
 
@@ -178,3 +195,29 @@ def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
 
 def position_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def token_major(config) -> bool:
+    """Whether micro-batches enter the model token-major: megatron's packed-sequence ("thd") layout [b * s, 1, h],
+    each sample's tokens one block that attends within itself, positions restarting per sample. Then every
+    tenant's rows are one block for the slot-indexed LoRA too, with no transposing copies between megatron's
+    [s, b, h] and the per-tenant matmuls (tools/bench.py case 1). Not under sequence parallelism: its split
+    along the first dimension would cut a tenant's (and a sample's) tokens across tensor-parallel ranks."""
+    return not config.sequence_parallel
+
+
+def forward_micro_batch(chunk, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """This stage's model chunk on a [b, s] micro-batch, in the layout `token_major` picks. The last stage's
+    output (per-token losses with labels, else logits) comes back as [b, s, ...] either way; other stages return
+    the hidden states they hand on ([b * s, 1, h] token-major, else [s, b, h])."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    b, s = tokens.shape
+    if not token_major(chunk.config):
+        return chunk(tokens, position_ids(tokens), causal_attention_mask(s, tokens.device), labels=labels)
+    bounds = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=tokens.device)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=s,
+                             max_seqlen_kv=s)
+    out = chunk(tokens.reshape(1, -1), position_ids(tokens).reshape(1, -1), None,
+                labels=None if labels is None else labels.reshape(1, -1), packed_seq_params=packed)
+    return out.view(b, s, *out.shape[2:]) if chunk.post_process else out

@@ -45,17 +45,13 @@ def forward_backward(
         batch = next(data_iterator)
         if before_forward is not None:
             before_forward(batch)
-        tokens = batch["tokens"]
-        output = chunk(
-            tokens,
-            model_lib.position_ids(tokens),
-            model_lib.causal_attention_mask(tokens.shape[1], tokens.device),
-            labels=batch["labels"],
-        )
+        output = model_lib.forward_micro_batch(chunk, batch["tokens"], batch["labels"])
         if after_forward is not None:
             output = after_forward(batch, output)
         return output, partial(loss_func, batch)
 
+    if model_lib.token_major(model[0].config):  # the pipeline's [s, b, h] messages are [b * s, 1, h]
+        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),

@@ -274,6 +274,25 @@ def test_routing_allows_split_base_only_samples():
     assert [(s.slot, s.start, s.end) for s in segs] == [(0, 1, 2), (1, 3, 4)]
 
 
+def test_routing_follows_the_activation_layout():
+    """[s, b, h] activations take segments along the samples; token-major [b * s, 1, h] ones (model.token_major)
+    along the tokens, and the MoE dispatcher's flattened token order follows the layout."""
+    routing = AdapterRouting(SLOTS, _table())
+    n = len(SLOTS)
+    assert routing.tokens_per_sample((3, n, 64)) == 1
+    assert routing.tokens_per_sample((3 * n, 1, 64)) == 3
+    samples = [(s.slot, s.start, s.end) for s in routing.segments("linear_qkv")]
+    tokens = [(s.slot, s.start, s.end, s.rank, s.scale) for s in routing.segments("linear_qkv", 3)]
+    assert tokens == [(slot, 3 * a, 3 * b, s.rank, s.scale)
+                      for (slot, a, b), s in zip(samples, routing.segments("linear_qkv"))]
+    slots = torch.tensor(SLOTS)
+    assert torch.equal(routing.token_slots((3, n, 64)), slots.repeat(3))  # sequence-major: s0 of every sample...
+    assert torch.equal(routing.token_slots((3 * n, 1, 64)), slots.repeat_interleave(3))  # sample after sample
+    for shape in ((3, n + 1, 64), (3 * n + 1, 1, 64), (3, 2, 64)):
+        with pytest.raises(ValueError, match=f"neither .* for this micro-batch of {n} samples"):
+            routing.tokens_per_sample(shape)
+
+
 @pytest.mark.parametrize("slot", [3, 4, 99, -2, -5])
 def test_routing_rejects_a_slot_no_tenant_holds(slot):
     # 3 is an idle slot; 4 and 99 are past the table; -2 / -5 must not wrap around to slots 2 / 3.

@@ -127,3 +127,53 @@ def test_embedding_output_requires_grad_only_where_backward_needs_it(reference):
     assert plain == {"adapter": False, "base_only": True}
     recompute = run_world(_embedding_output_requires_grad, 1, True, base)[0]
     assert recompute == {"adapter": True, "base_only": True}
+
+
+def _both_layouts(preset, targets, base_dir):
+    """Per-token losses and per-slot gradients of one mixed micro-batch (3 tenants of two ranks, a base-only
+    sample) fed token-major (model.forward_micro_batch, the layout without sequence parallelism) and in
+    megatron's [s, b] layout (the chunk called directly, as under sequence parallelism), and the layout flags the
+    dense LoRA saw."""
+    from megatron_multilora import model as M
+    from megatron_multilora.lora import ops
+    from megatron_multilora.lora.routing import AdapterRouting
+
+    gpt, table = W.build(preset, {}, base_dir, targets)
+    tokens, labels, slots = W.batch(8)
+    routing = AdapterRouting(slots, table)
+    flags, lora_add = [], ops.lora_add
+
+    def spy(*args, token_major=False, **kwargs):
+        flags.append(token_major)
+        return lora_add(*args, token_major=token_major, **kwargs)
+
+    ops.lora_add = spy
+    out = {}
+    for layout in ("token_major", "sb"):
+        for layer in table.layers:
+            layer.lora_A.grad = layer.lora_B.grad = None
+        flags.clear()
+        with routing.active():
+            if layout == "token_major":
+                loss = M.forward_micro_batch(gpt, tokens, labels)
+            else:
+                loss = gpt(tokens, M.position_ids(tokens), M.causal_attention_mask(W.SEQ), labels=labels)
+            loss.sum().backward()
+        out[layout] = (loss.detach().clone(), W.gathered_grads(table), sorted(set(flags)))
+    return out
+
+
+@pytest.mark.parametrize("preset,targets", [
+    ("tiny-dense", TARGETS), ("tiny-moe", ("linear_qkv", "linear_proj", "expert_fc1", "expert_fc2"))])
+def test_token_major_and_sequence_major_layouts_agree(reference, preset, targets):
+    base, *_ = reference
+    out = run_world(_both_layouts, 1, preset, targets, base if preset == "tiny-dense" else None)[0]
+    (loss_t, grads_t, flags_t), (loss_s, grads_s, flags_s) = out["token_major"], out["sb"]
+    assert flags_t == [True] and flags_s == [False]  # each layout took its own path
+    assert loss_t.shape == loss_s.shape == (8, W.SEQ)
+    assert torch.allclose(loss_t, loss_s, rtol=1e-5, atol=1e-6)
+    assert set(grads_t) == set(grads_s)
+    for key, ref in grads_s.items():
+        assert ref.abs().max() > 0, key
+        err = ((grads_t[key] - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 1e-5, (key, err)

@@ -247,8 +247,7 @@ class World:
         from megatron_multilora import model as M
 
         with routing.active():
-            loss = self.gpt(tokens, M.position_ids(tokens), M.causal_attention_mask(tokens.shape[1], tokens.device),
-                            labels=labels)
+            loss = M.forward_micro_batch(self.gpt, tokens, labels)
             loss.sum().backward()
         return loss
 
@@ -400,16 +399,26 @@ class Bench:
         d, T = shape.layer_dim, shape.layer_tokens
         lw = LayerWorld(self, d, d, samples, RANK)
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(T // samples, samples, d, generator=g).to(self.device)
-        dy = torch.randn(T // samples, samples, d, generator=g).to(self.device)
+        # token-major [samples * s, 1, d], as the model feeds its linears (model.token_major); megatron's
+        # [s, samples, d] (sequence parallelism) as context: there a tenant's rows are strided
+        x = torch.randn(T, 1, d, generator=g).to(self.device)
+        dy = torch.randn(T, 1, d, generator=g).to(self.device)
+        layouts = {"": (x, dy), "sb:": (x.view(samples, -1, d).transpose(0, 1).contiguous(),
+                                       dy.view(samples, -1, d).transpose(0, 1).contiguous())}
+        sb_list = [n for n in n_list if n in (1, 8, samples)]
         variants = {"base": lw.fn(lw.routing([], samples), x, dy)}
         for n in n_list:
-            variants[f"N={n}"] = lw.fn(lw.routing([RANK] * n, samples), x, dy)
+            for tag, (xl, dyl) in layouts.items():
+                if not tag or n in sb_list:
+                    variants[f"{tag}N={n}"] = lw.fn(lw.routing([RANK] * n, samples), xl, dyl)
         t = self.timer.measure(variants, shape.budget)
         for n in n_list[1:]:
             self.add(1, row(shape.name, f"layer {d}x{d} T={T} r={RANK}: N={n} / N=1", ratio(t, f"N={n}", "N=1"),
                             1.10 if n <= 8 else 1.20, n=n, level="layer", ms=ms(t)))
-        self.add(1, row(shape.name, f"layer: one LoRA tenant / base linear (context)", ratio(t, "N=1", "base"),
+        for n in sb_list[1:]:
+            self.add(1, row(shape.name, f"  (context) the same in the [s, b] layout (sequence parallel): N={n} / N=1",
+                            ratio(t, f"sb:N={n}", "sb:N=1"), n=n, level="layer-context"))
+        self.add(1, row(shape.name, f"  (context) layer: one LoRA tenant / base linear", ratio(t, "N=1", "base"),
                         level="layer-context"))
 
         w = self.world(shape, 32)
@@ -446,8 +455,8 @@ class Bench:
         d, T = shape.layer_dim, shape.layer_tokens
         lw = LayerWorld(self, d, d, len(mixed), max_rank)
         g = torch.Generator().manual_seed(2)
-        x = torch.randn(T // samples, samples, d, generator=g).to(self.device)
-        dy = torch.randn(T // samples, samples, d, generator=g).to(self.device)
+        x = torch.randn(T, 1, d, generator=g).to(self.device)  # token-major, as the model feeds its linears
+        dy = torch.randn(T, 1, d, generator=g).to(self.device)
         configs = {"base": [], "mixed": mixed, "padded": [max_rank] * len(mixed)}
         if not self.args.quick:
             configs.update({f"uniform{r}": [r] * len(mixed) for r in (8, 16, 32)})

@@ -29,7 +29,7 @@ def _input_slots(hidden_states) -> torch.Tensor:
     if routing is None:
         tokens = hidden_states.shape[0] * hidden_states.shape[1]
         return torch.full((tokens,), routing_lib.NO_ADAPTER, dtype=torch.long, device=hidden_states.device)
-    return routing.token_slots(hidden_states.shape[0]).to(hidden_states.device)
+    return routing.token_slots(hidden_states.shape).to(hidden_states.device)
 
 
 class SlotTrackingAllGatherDispatcher:

@@ -143,9 +143,13 @@ class SlotLoRALinear:
                 io.inputs[self.lora_expert_index] = input_
             return output, bias
         routing = routing_lib.current()
-        segments = routing.segments(self.lora_kind) if routing is not None else []
+        if routing is None:
+            return output, bias
+        per_sample = routing.tokens_per_sample(input_.shape)
+        segments = routing.segments(self.lora_kind, per_sample)
         if segments:
-            output = ops.lora_add(output, input_, self.lora_A, self.lora_B, segments, self._middle, self.training)
+            output = ops.lora_add(output, input_, self.lora_A, self.lora_B, segments, self._middle, self.training,
+                                  token_major=per_sample > 1)
         return output, bias
 
     def _middle(self, h: torch.Tensor) -> torch.Tensor:

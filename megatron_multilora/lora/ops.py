@@ -228,27 +228,29 @@ class _ExpandAdd(torch.autograd.Function):
     extra pass to add it), and out's gradient passes through untouched."""
 
     @staticmethod
-    def forward(ctx, out, h, weight_b, runs):
+    def forward(ctx, out, h, weight_b, runs, token_major):
         rows = [_batched(_h_rows(h, r), r.count) for r in runs]
         weights = [_weights(weight_b, r, r.b_index) for r in runs]
         ctx.save_for_backward(*rows)
-        ctx.runs, ctx.param, ctx.weights = runs, weight_b, weights
+        ctx.runs, ctx.param, ctx.weights, ctx.token_major = runs, weight_b, weights, token_major
+        target = out.transpose(0, 1) if token_major else out
         for r, hs, b in zip(runs, rows, weights):
             # the slot's scale on the rank-sized product (matmul alpha), not on the hidden-sized output
-            _mm_into(_cols(out, r.start, r.end), r.count, hs, b.mT, r.scale, add=True)
+            _mm_into(_cols(target, r.start, r.end), r.count, hs, b.mT, r.scale, add=True)
         ctx.mark_dirty(out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         runs = ctx.runs
-        grad_h = grad_out.new_empty(grad_out.shape[0], sum(r.width for r in runs))
+        rows = grad_out.transpose(0, 1) if ctx.token_major else grad_out
+        grad_h = grad_out.new_empty(rows.shape[0], sum(r.width for r in runs))
         for r, hs, b in zip(runs, ctx.saved_tensors, ctx.weights):
-            gy = _batched(_cols(grad_out, r.start, r.end), r.count)
+            gy = _batched(_cols(rows, r.start, r.end), r.count)
             # the slot's scale on the rank-sized products, not on the hidden-sized gradient
             _mm_into(_h_rows(grad_h, r), r.count, gy, b, r.scale)
             _accumulate(ctx.param, r, r.b_index, gy.mT, hs, r.scale)
-        return grad_out, grad_h, None, None
+        return grad_out, grad_h, None, None, None
 
 
 def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool) -> torch.Tensor:
@@ -262,15 +264,19 @@ def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool) ->
     return out
 
 
-def lora_add(out, x, weight_a, weight_b, segments, middle=lambda h: h, training=False):
+def lora_add(out, x, weight_a, weight_b, segments, middle=lambda h: h, training=False, token_major=False):
     """out [L, N, out] + the whole LoRA delta of x [L, N, in], added into out in place (weight_a [slots,
     max_rank, in], weight_b [slots, out, max_rank]); rows no segment covers keep out's values. `middle` is the
-    tensor-parallel communication of the packed h [L, sum n_k r_k] (identity on one rank)."""
+    tensor-parallel communication of the packed h [L, sum n_k r_k] (identity on one rank). `token_major`: x and
+    out are [T, 1, d] with the segments along T (model.token_major), taken as [1, T, d]: every run's rows are
+    then a view."""
     runs = _runs(segments)
+    if token_major:
+        x = x.transpose(0, 1)
     h = _Shrink.apply(segment_dropout(x, segments, training), weight_a, runs)
     if out._base is not None:  # autograd forbids writing into a view (megatron's reductions return their input)
         out = out.clone()
-    return _ExpandAdd.apply(out, middle(h), weight_b, runs)
+    return _ExpandAdd.apply(out, middle(h), weight_b, runs, token_major)
 
 
 class _Permute(torch.autograd.Function):

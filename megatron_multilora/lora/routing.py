@@ -28,6 +28,7 @@ class AdapterRouting:
         # Every held slot (MoE experts also see tokens of other data-parallel ranks' micro-batches).
         self._slot_specs = {r.slot: (r.spec, r.targets) for r in table.tenants.values()}
         self._segments: dict[str, list[Segment]] = {}
+        self._token_segments: dict[tuple[str, int], list[Segment]] = {}
         for kind in table.target_modules:
             segs = []
             for slot, start, end in runs:
@@ -44,8 +45,28 @@ class AdapterRouting:
         """Some sample of this micro-batch trains some LoRA layer (its loss then has a graph to them)."""
         return any(self._segments.values())
 
-    def segments(self, kind: str) -> list[Segment]:
-        return self._segments.get(kind, [])
+    def tokens_per_sample(self, shape) -> int:
+        """How the rows of an activation of this micro-batch are laid out: 1 for megatron's [s, b, h] (segments
+        run along the samples, dimension 1), s for the token-major [b * s, 1, h] (model.token_major; segments run
+        along the tokens of dimension 0)."""
+        samples = self.sample_slots.numel()
+        if shape[1] == samples:
+            return 1
+        if shape[1] == 1 and shape[0] % samples == 0:
+            return shape[0] // samples
+        raise ValueError(f"an activation of shape {tuple(shape)} is neither [s, {samples}, h] nor token-major "
+                         f"[{samples} * s, 1, h] for this micro-batch of {samples} samples")
+
+    def segments(self, kind: str, tokens_per_sample: int = 1) -> list[Segment]:
+        """The kind's segments along the samples, or along the tokens when `tokens_per_sample` > 1."""
+        segments = self._segments.get(kind, [])
+        if tokens_per_sample == 1 or not segments:
+            return segments
+        key = (kind, tokens_per_sample)
+        if key not in self._token_segments:
+            self._token_segments[key] = [
+                s._replace(start=s.start * tokens_per_sample, end=s.end * tokens_per_sample) for s in segments]
+        return self._token_segments[key]
 
     def expert_segments(self, kind: str, runs) -> list[Segment]:
         """Segments of the dispatched tokens of a MoE layer's local experts, given as (local expert, slot, count)
@@ -61,9 +82,11 @@ class AdapterRouting:
             start += count
         return segments
 
-    def token_slots(self, seq_length: int) -> torch.Tensor:
-        """The slot of every token of a [seq, batch] micro-batch flattened sequence-major (megatron's order)."""
-        return self.sample_slots.repeat(seq_length)
+    def token_slots(self, shape) -> torch.Tensor:
+        """The slot of every token of an activation of this micro-batch ([s, b, h] or token-major [b * s, 1, h])
+        in its flattened order (the MoE dispatcher's)."""
+        per = self.tokens_per_sample(shape)
+        return self.sample_slots.repeat(shape[0]) if per == 1 else self.sample_slots.repeat_interleave(per)
 
     @contextlib.contextmanager
     def active(self):
