@@ -217,3 +217,28 @@ def test_unsupported_expert_configs_are_refused_by_name(flag, value):
                             config=SimpleNamespace(**{flag: value}))
     with pytest.raises(NotImplementedError, match=flag):
         track_expert_slots(layer)
+
+
+def test_expert_slot_runs_split_at_slot_changes_and_expert_ends():
+    """The (local expert, slot, tokens) runs the experts' LoRA segments come from equal a plain per-expert grouping,
+    including experts without tokens and one slot continuing across an expert boundary."""
+    import itertools
+
+    from megatron_multilora.lora.experts import SlotLoRASequentialMLP
+
+    def plain(slots, counts):
+        runs, pos = [], 0
+        for expert, count in enumerate(counts):
+            for slot, group in itertools.groupby(slots[pos:pos + count].tolist()):
+                runs.append((expert, slot, len(list(group))))
+            pos += count
+        return runs
+
+    cases = [([0, 0, 1, 1, 1, 2], [2, 4]), ([1, 1, 1, 1], [2, 0, 2, 0]), ([], [0, 0]), ([-1, -1, 0], [3])]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        counts = torch.randint(0, 5, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        cases.append(([s for c in counts for s in sorted(torch.randint(-1, 3, (c,), generator=g).tolist())], counts))
+    for slots, counts in cases:
+        slots = torch.tensor(slots, dtype=torch.long)
+        assert SlotLoRASequentialMLP._expert_slot_runs(slots, counts) == plain(slots, counts), (slots, counts)

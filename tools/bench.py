@@ -613,8 +613,9 @@ class Bench:
         dense = self.worlds[key]
         samples, seq, k = shape.moe_samples, shape.moe_seq, mc.moe_router_topk
         g = torch.Generator().manual_seed(5)
-        h_moe = torch.randn(seq, samples, mc.hidden_size, generator=g).to(self.device)
-        h_dense = torch.randn(seq * k, samples, mc.hidden_size, generator=g).to(self.device)
+        # token-major [samples * s, 1, h], as the model feeds its layers (model.token_major)
+        h_moe = torch.randn(samples * seq, 1, mc.hidden_size, generator=g).to(self.device)
+        h_dense = torch.randn(samples * seq * k, 1, mc.hidden_size, generator=g).to(self.device)
         slots = slots_for(4, samples)
 
         def layer_fn(w, mlp, h, slots):

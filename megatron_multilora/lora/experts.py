@@ -16,6 +16,8 @@ recompute and pipeline schedules replay it from the micro-batch's own routing.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from megatron.core.tensor_parallel import all_to_all, gather_from_sequence_parallel_region
 from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
@@ -35,6 +37,8 @@ def _input_slots(hidden_states) -> torch.Tensor:
 class SlotTrackingAllGatherDispatcher:
     """Mixin in front of megatron's MoEAllGatherTokenDispatcher: carries token slot ids along
     (all-gather over TP x EP, then the local permutation)."""
+
+    lora_grouped_by_slot = True  # its permutation hands each expert its tokens in slot order
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.lora_token_slots = _input_slots(hidden_states)
@@ -74,6 +78,8 @@ class SlotTrackingAllGatherDispatcher:
 class SlotTrackingAlltoAllDispatcher:
     """Mixin in front of megatron's MoEAlltoAllTokenDispatcher: the slot ids take the tokens' path
     (permutation 1, all-to-all over EP with the same splits, all-gather over TP, sort by local expert)."""
+
+    lora_grouped_by_slot = False  # chunks from several EP ranks interleave slots within an expert
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         slots = _input_slots(hidden_states)
@@ -121,21 +127,21 @@ class SlotLoRASequentialMLP:
         if routing is None or not bool((slots != routing_lib.NO_ADAPTER).any()):
             return super().forward(permuted_hidden, tokens_per_expert, permuted_probs)
         counts = tokens_per_expert.tolist()
-        expert_of = torch.repeat_interleave(torch.arange(len(counts), device=slots.device),
-                                            torch.as_tensor(counts, device=slots.device))
-        width = int(slots.max()) + 2
-        keys = expert_of * width + (slots + 1)
         order = None
-        if not bool((keys[1:] >= keys[:-1]).all()):  # not grouped by (expert, slot) yet (alltoall dispatcher)
-            order = torch.argsort(keys, stable=True)
-            keys = keys[order]
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            permuted_hidden = ops.permute_rows(permuted_hidden, order, inverse)
-            permuted_probs = permuted_probs[order]
+        if not self.lora_dispatcher.lora_grouped_by_slot:  # alltoall: sort by (expert, slot) unless already so
+            expert_of = torch.repeat_interleave(torch.arange(len(counts), device=slots.device),
+                                                torch.as_tensor(counts, device=slots.device))
+            keys = expert_of * (int(slots.max()) + 2) + (slots + 1)
+            if not bool((keys[1:] >= keys[:-1]).all()):
+                order = torch.argsort(keys, stable=True)
+                slots = slots[order]
+                inverse = torch.empty_like(order)
+                inverse[order] = torch.arange(order.numel(), device=order.device)
+                permuted_hidden = ops.permute_rows(permuted_hidden, order, inverse)
+                permuted_probs = permuted_probs[order]
         io1, io2 = self.lora_io
         fc1, fc2 = io1.linears, io2.linears
-        runs = self._expert_slot_runs(keys, width)
+        runs = self._expert_slot_runs(slots, counts)
         seg1 = routing.expert_segments(fc1[0].lora_kind, runs) if fc1 else []
         seg2 = routing.expert_segments(fc2[0].lora_kind, runs) if fc2 else []
         try:
@@ -157,10 +163,18 @@ class SlotLoRASequentialMLP:
         return out, bias
 
     @staticmethod
-    def _expert_slot_runs(sorted_keys: torch.Tensor, width: int) -> list[tuple[int, int, int]]:
-        """(local expert, slot, tokens) runs in token order from the layer's sorted (expert, slot) keys."""
-        values, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-        return [(key // width, key % width - 1, count) for key, count in zip(values.tolist(), counts.tolist())]
+    def _expert_slot_runs(slots: torch.Tensor, counts: list[int]) -> list[tuple[int, int, int]]:
+        """(local expert, slot, tokens) runs in token order, from the tokens' slots grouped by (expert, slot) and
+        each local expert's token count (a run ends where the slot changes or an expert's tokens end)."""
+        ends = list(itertools.accumulate(counts))
+        changes = (slots[1:] != slots[:-1]).nonzero().flatten().add_(1).tolist()
+        starts = sorted(set(changes).union(ends[:-1], [0]) - {ends[-1]}) if ends and ends[-1] else []
+        runs, expert = [], 0
+        for start, end, slot in zip(starts, starts[1:] + ends[-1:], slots[starts].tolist()):
+            while ends[expert] <= start:
+                expert += 1
+            runs.append((expert, slot, end - start))
+        return runs
 
 
 class ExpertLoRAHandover:

@@ -524,7 +524,8 @@ def expert_lora(out, x, weights_a, weights_b, segments, training=False):
     runs = _expert_runs(tuple(segments), x.device)
     if not runs:
         return out if out is not None else x.new_zeros(x.shape[0], weights_b[0].shape[1])
-    x = segment_dropout(x.unsqueeze(0), segments, training)[0]
+    if training and any(s.dropout > 0.0 for s in segments):
+        x = segment_dropout(x.unsqueeze(0), segments, training)[0]
     if out is not None and out._base is not None:  # autograd forbids writing into a view
         out = out.clone()
     return _ExpertLoRA.apply(out, x, runs, len(weights_a), *weights_a, *weights_b)
