@@ -26,7 +26,8 @@ from . import ops, routing as routing_lib
 
 
 def _input_slots(hidden_states) -> torch.Tensor:
-    """The slot of every token of this rank's MoE input, in the dispatcher's flattened [seq * batch] order."""
+    """The slot of every token of this rank's MoE input in the dispatcher's flattened order (of [s, b, h] or
+    token-major [b * s, 1, h])."""
     routing = routing_lib.current()
     if routing is None:
         tokens = hidden_states.shape[0] * hidden_states.shape[1]

@@ -8,7 +8,8 @@ autograd functions so tensor parallelism can communicate the small rank-sized mi
     expand:  h packed      --B-->  y [L, N, out] += the delta      (in place on the base output)
 
 Rows of one slot are contiguous along N ("segments"), so each slot's product is a dense matmul proportional to
-its rank; a per-token gather of A/B is ~10x slower (REFERENCE.md section 1).
+its rank; a per-token gather of A/B is ~10x slower (REFERENCE.md section 1). N is the samples of megatron's
+[s, b, d] layout (L = s), or, token-major (model.token_major: [b * s, 1, d], taken as [1, T, d]), the tokens.
 
 Runs: adjacent segments of equal size, rank and scale (a mixed batch of N tenants with equal shares is one run)
 share ONE batched matmul per product -- torch.bmm over the run's G segments, their rows as [G, L * n, d] and
@@ -29,9 +30,11 @@ their rank) are written, so an idle slot costs nothing in backward and keeps an 
 
 Cost (tools/bench.py, profiled): the LoRA matmuls are skinny and memory-bound, so every extra pass over a
 hidden-sized tensor shows. A slot's scale multiplies the rank-sized products (matmul alpha), never the
-hidden-sized output or gradient. A run's rows are a view when they form one matrix per segment (L == 1, or one
-segment spanning the micro-batch: then nothing is sliced or copied), else copied once into [G, L * n, d] (kept
-for backward; strided views of one-sample segments made the weight-gradient bmm ~2x slower than the copy);
+hidden-sized output or gradient. A run's rows are a view when they form one matrix per segment (L == 1 -- the
+token-major layout, the model's default -- or one segment spanning the micro-batch: then nothing is sliced or
+copied), else copied once into [G, L * n, d] (under sequence parallelism; kept for backward; strided views of
+one-sample segments made the weight-gradient bmm ~2x slower than the copy; these copies made a 64-wide model's
+8-tenant batch 1.17x its one-tenant batch, 1.06x token-major: tools/bench.py case 1);
 products are written straight into the output's rows when those are a view, else through one temporary. The
 delta is added into the base linear's output in place (no delta tensor, no add pass: one adapter's step over its
 frozen base 1.08 -> 1.04 at d=1024, bench case 9); autograd refuses that on a view, so an output that is one
