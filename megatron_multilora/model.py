@@ -215,7 +215,8 @@ def forward_micro_batch(chunk, tokens: torch.Tensor, labels: torch.Tensor | None
     b, s = tokens.shape
     if not token_major(chunk.config):
         return chunk(tokens, position_ids(tokens), causal_attention_mask(s, tokens.device), labels=labels)
-    bounds = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=tokens.device)
+    # on the host: only megatron's unfused thd RoPE reads them (.tolist() per layer), and the attention above
+    bounds = torch.arange(0, b * s + 1, s, dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=s,
                              max_seqlen_kv=s)
     out = chunk(tokens.reshape(1, -1), position_ids(tokens).reshape(1, -1), None,

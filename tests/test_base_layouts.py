@@ -6,7 +6,7 @@ import torch
 
 from tests.distributed import run_world
 
-SEQ, BATCH = 16, 4
+SEQ, BATCH, MBS = 16, 4, 2  # token-major micro-batches (no sequence parallelism) pack MBS samples
 
 LAYOUTS = [
     ("tiny-dense", dict(tp=2), 2),
@@ -50,18 +50,25 @@ def _run(preset, layout, base_dir, save):
     per = BATCH // dp
     tokens = _tokens()[dp_rank * per:(dp_rank + 1) * per]
     labels = torch.roll(tokens, -1, dims=1)
+    mbs = min(MBS, per)
     batches = [
-        dict(tokens=tokens[i:i + 1], labels=labels[i:i + 1], loss_mask=torch.ones(1, SEQ)) for i in range(per)
+        dict(tokens=tokens[i:i + mbs], labels=labels[i:i + mbs], loss_mask=torch.ones(mbs, SEQ))
+        for i in range(0, per, mbs)
     ]
+
+    def as_sb(t):
+        """[s, b, d] whichever layout the model ran in (token-major: [b * s, 1, d])."""
+        return t.view(-1, SEQ, t.shape[-1]).transpose(0, 1) if M.token_major(cfg) else t
+
     logits, losses, emb_grads = [], [], []
     if ps.is_pipeline_last_stage():
         gpt.output_layer.register_forward_hook(
-            lambda m, i, o: logits.append(gather_from_tensor_model_parallel_region(o[0]).detach().clone())
+            lambda m, i, o: logits.append(as_sb(gather_from_tensor_model_parallel_region(o[0])).detach().clone())
         )
 
     def hook_embedding(m, i, out):
         def keep(grad):
-            emb_grads.append(gather_from_sequence_parallel_region(grad) if sp else grad)
+            emb_grads.append(as_sb(gather_from_sequence_parallel_region(grad) if sp else grad))
 
         out.register_hook(keep)
 
@@ -74,7 +81,8 @@ def _run(preset, layout, base_dir, save):
         return output
 
     forward_backward(
-        [gpt], batches, num_micro_batches=per, seq_length=SEQ, micro_batch_size=1, after_forward=after_forward
+        [gpt], batches, num_micro_batches=len(batches), seq_length=SEQ, micro_batch_size=mbs,
+        after_forward=after_forward,
     )
     cat = lambda xs, dim: torch.cat(xs, dim) if xs else None  # noqa: E731
     return dict(

@@ -76,26 +76,39 @@ def _layers(table, config, weights=None):
     return out
 
 
-def _run(layers, x, slots, table, g):
-    """Forward + backward of each layer on its own input under the routing; returns outputs and grads."""
+def _to(t, layout):
+    """[s, n, d] as the layer sees it: as is, or token-major [n * s, 1, d] (model.token_major)."""
+    return t if layout == "sb" else t.transpose(0, 1).reshape(-1, 1, t.shape[-1])
+
+
+def _back(t, n, layout):
+    """The inverse of _to: back to [s, n, d]."""
+    return t if layout == "sb" else t.view(n, -1, t.shape[-1]).transpose(0, 1)
+
+
+def _run(layers, x, slots, table, g, layout):
+    """Forward + backward of each layer on its own input (in `layout`) under the routing; returns outputs and
+    input gradients as [s, n, d], and the weight gradients."""
     routing = AdapterRouting(slots, table)
     res = {}
     for key, layer in layers.items():
-        xi = x[key].detach().clone().requires_grad_(True)
+        xi = _to(x[key], layout).detach().clone().requires_grad_(True)
+        assert routing.tokens_per_sample(xi.shape) == (1 if layout == "sb" else SEQ)
         for p in (layer.lora_A, layer.lora_B):
             p.grad = None
         with routing.active():
             y, bias = layer(xi)
         assert bias is None
-        (y * g[key]).sum().backward()
+        (y * _to(g[key], layout)).sum().backward()
+        n = len(slots)
         res[key] = dict(
-            y=y.detach().clone(), dx=xi.grad.clone(), dA=layer.lora_A.grad.clone(),
-            dB=layer.lora_B.grad.clone(), weight_grad_none=layer.weight.grad is None,
+            y=_back(y.detach(), n, layout).clone(), dx=_back(xi.grad, n, layout).clone(),
+            dA=layer.lora_A.grad.clone(), dB=layer.lora_B.grad.clone(), weight_grad_none=layer.weight.grad is None,
         )
     return res
 
 
-def _worker():
+def _worker(layout):
     from megatron_multilora import platform
     from megatron_multilora.config import model_config_from
     from megatron_multilora.model import transformer_config
@@ -124,7 +137,7 @@ def _worker():
     weights = {k: layer.weight.detach().clone() for k, layer in layers.items()}
 
     out = dict(weights=weights, adapters=adapters, x=x, g=g)
-    out["multi"] = _run(layers, x, SLOTS, table, g)
+    out["multi"] = _run(layers, x, SLOTS, table, g, layout)
     out["ref"] = {
         key: _reference(x[key], weights[key], SLOTS, adapters[key], g[key]) for key in LAYERS
     }
@@ -142,7 +155,7 @@ def _worker():
     idx = [i for i, s in enumerate(SLOTS) if s == 0]
     out["small_idx"] = idx
     out["small"] = _run(small_layers, {k: v[:, idx] for k, v in x.items()}, [0] * len(idx), small,
-                        {k: v[:, idx] for k, v in g.items()})
+                        {k: v[:, idx] for k, v in g.items()}, layout)
 
     # LoRA dropout: a tenant with dropout 0.5 in the idle slot 3; training vs eval mode.
     slot = table.acquire("drop", LoRASpec(rank=8, alpha=16.0, dropout=0.5))
@@ -154,15 +167,18 @@ def _worker():
         xd = rnd(SEQ, len(DROP_SLOTS), x[key].shape[-1])
         routing = AdapterRouting(DROP_SLOTS, table)
         res = {}
+        def apply(_layer=layer, _xd=xd):
+            return _back(_layer(_to(_xd, layout))[0], len(DROP_SLOTS), layout)
+
         with torch.no_grad(), routing.active():
             for mode in ("train", "eval"):
                 layer.train(mode == "train")
-                res[mode] = layer(xd)[0]
+                res[mode] = apply()
             layer.set_slot(slot, a=a, b=torch.zeros_like(b))  # no LoRA delta: dropout must change nothing
             layer.train(True)
-            res["train_b0"] = layer(xd)[0]
+            res["train_b0"] = apply()
             layer.train(False)
-            res["eval_b0"] = layer(xd)[0]
+            res["eval_b0"] = apply()
         ads = dict(adapters[key])
         ads[3] = (a, b, 16.0 / 8)
         res["ref_eval"] = _reference(xd, weights[key], DROP_SLOTS, ads, torch.zeros_like(res["eval"]))[0]
@@ -171,9 +187,10 @@ def _worker():
     return out
 
 
-@pytest.fixture(scope="module")
-def world():
-    return run_world(_worker, 1)[0]
+@pytest.fixture(scope="module", params=["sb", "token_major"])
+def world(request):
+    """Every layer test in megatron's [s, b, h] layout (under sequence parallelism) and token-major."""
+    return run_world(_worker, 1, request.param)[0]
 
 
 def _rel(a, b):
