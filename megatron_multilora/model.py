@@ -99,13 +99,39 @@ class RMSNorm(torch.nn.RMSNorm):
 
 def _equal_packed_samples(tokens: int, params) -> int:
     """The number of packed ("thd") sequences when all of them are equally long (as forward_micro_batch packs
-    them), else 0: varying lengths take megatron's own path (which refuses packed sequences without
-    transformer-engine)."""
+    them), else 0 (SDPAttention refuses varying lengths by name)."""
     if params is None or params.qkv_format != "thd" or params.max_seqlen_q != params.max_seqlen_kv:
         return 0
     samples = params.cu_seqlens_q.numel() - 1
     same = params.cu_seqlens_kv is params.cu_seqlens_q or torch.equal(params.cu_seqlens_kv, params.cu_seqlens_q)
     return samples if same and samples * params.max_seqlen_q == tokens else 0
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE (rotate-half form, full rotary dimension) of x with positions along one dimension: x * cos +
+    rotate_half(x) * sin written half by half into one new tensor, and backward the inverse rotation. megatron's
+    unfused RoPE makes three more passes over q and k (a negation, the cat of rotate_half and the cat of
+    the rotated and pass-through parts) and, token-major, rebuilds the frequencies sequence by sequence on the
+    host (tools/bench.py case 9: q's RoPE forward + backward 3.0 -> 1.0 ms at d=1024, 512 tokens)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(x.shape)
+    x1, x2 = x.chunk(2, -1)
+    o1, o2 = out.chunk(2, -1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
 
 
 @functools.cache
@@ -117,13 +143,23 @@ def sdpa_attention_class():
         """megatron's local DotProductAttention through torch's scaled_dot_product_attention: fused (flash /
         memory-efficient) kernels on GPU and CPU instead of materialising [b, heads, s, s] scores in fp32, and
         GQA without repeating keys and values, and token-major micro-batches (forward_micro_batch: packed
-        sequences of equal length). Anything it does not cover (dropout, attention bias, packed sequences of
-        varying lengths, softmax offsets, sliding windows, query-key layer scaling) takes megatron's own path."""
+        sequences of equal length). It also applies RoPE to q and k (the model is built without megatron's
+        rotary embedding; _Rotary). Anything else it does not cover (dropout, attention bias, softmax offsets,
+        sliding windows, query-key layer scaling) takes megatron's own path after the RoPE."""
+
+        def __init__(self, *args, rotary_base: float = 10000.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rotary_base = rotary_base
+            self._cos_sin = None  # ((sequence length, token-major, dtype, device), cos, sin) of the last call
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
             samples = _equal_packed_samples(query.shape[0], packed_seq_params)
+            if packed_seq_params is not None and not samples:
+                raise NotImplementedError("packed sequences of different lengths: RoPE here restarts per sample of "
+                                          "one length (model.forward_micro_batch)")
+            query, key = self._rope(query, samples), self._rope(key, samples)
             plain = (
                 attention_bias is None and (packed_seq_params is None or samples) and self.softmax_offset is None
                 and not (self.training and self.attention_dropout.p > 0)
@@ -141,6 +177,19 @@ def sdpa_attention_class():
             out = self._sdpa(q, k, v, None if mask_type == AttnMaskType.causal else ~attention_mask)
             return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
 
+        def _rope(self, t, samples):
+            """RoPE of q or k ([s, b, n, d], or token-major [b * s, n, d]), positions restarting per sample
+            (megatron's RotaryEmbedding frequencies: base ** (-2i / d) in fp32, cos / sin cast to t's dtype)."""
+            x = t.view(samples, -1, *t.shape[1:]) if samples else t  # positions along dimension 1 / 0
+            key = (x.shape[1 if samples else 0], bool(samples), t.dtype, t.device)
+            if self._cos_sin is None or self._cos_sin[0] != key:
+                seq, dim = key[0], t.shape[-1]
+                inv = 1.0 / (self.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=t.device) / dim))
+                freqs = torch.outer(torch.arange(seq, dtype=torch.float32, device=t.device), inv)
+                freqs = freqs.view(seq, *([1] * (2 if not samples else 1)), dim // 2)  # broadcast over b (and n)
+                self._cos_sin = (key, freqs.cos().to(t.dtype), freqs.sin().to(t.dtype))
+            return _Rotary.apply(x, *self._cos_sin[1:]).view(t.shape)
+
         def _sdpa(self, q, k, v, mask):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -152,6 +201,7 @@ def block_spec(model: ModelConfig, config, vp_stage: int | None = None):
     """megatron-core's local (non transformer-engine) spec for this stage's layers: the same modules on CPU
     and GPU, so the LoRA wrappers see one set of linears."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     layer = get_gpt_layer_local_spec(
@@ -159,7 +209,8 @@ def block_spec(model: ModelConfig, config, vp_stage: int | None = None):
     )
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
-    layer.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
+    layer.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=sdpa_attention_class(), params={"rotary_base": model.rotary_base})
     if model.qk_layernorm:
         layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
         layer.submodules.self_attention.submodules.k_layernorm = RMSNorm
@@ -181,8 +232,7 @@ def build_gpt_model(model: ModelConfig, config, vp_stage: int | None = None):
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
-        rotary_base=model.rotary_base,
+        position_embedding_type="none",  # RoPE is applied by the core attention (SDPAttention)
         vp_stage=vp_stage,
     )
     return gpt.to(platform.device())
@@ -215,7 +265,7 @@ def forward_micro_batch(chunk, tokens: torch.Tensor, labels: torch.Tensor | None
     b, s = tokens.shape
     if not token_major(chunk.config):
         return chunk(tokens, position_ids(tokens), causal_attention_mask(s, tokens.device), labels=labels)
-    # on the host: only megatron's unfused thd RoPE reads them (.tolist() per layer), and the attention above
+    # on the host: only SDPAttention reads them (their count and max_seqlen), never on the device
     bounds = torch.arange(0, b * s + 1, s, dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=s,
                              max_seqlen_kv=s)

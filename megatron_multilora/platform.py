@@ -369,10 +369,6 @@ CPU_PATCHES: list[CpuPatch] = [
         "GlobalMemoryBuffer (sequence-parallel all-gather) allocates on torch.cuda.current_device()",
     ),
     _cpu_torch_for(
-        "megatron.core.models.common.embeddings.rotary_pos_embedding",
-        "RotaryEmbedding moves inv_freq to torch.cuda.current_device()",
-    ),
-    _cpu_torch_for(
         "megatron.core.transformer.moe.router",
         "the router gating moves its weight to torch.cuda.current_device()",
     ),

@@ -127,8 +127,12 @@ def test_base_layout_invariance(references, preset, layout, world):
         assert _rel(got[key], ref[key]) <= 1e-5, (key, _rel(got[key], ref[key]))
 
 
-def _attention_outputs(mask_type):
-    """megatron's DotProductAttention and ours (torch SDPA) on the same q, k, v (GQA 4 heads / 2 groups)."""
+def _attention_outputs(mask_type, layout):
+    """megatron's RoPE (rope_utils.apply_rotary_pos_emb with RotaryEmbedding's frequencies) and DotProductAttention,
+    and ours (RoPE in SDPAttention, torch SDPA) on the same q, k, v (GQA 4 heads / 2 groups); ours also
+    token-major ([b * s, n, d] with packed-sequence params), brought back to [s, b, ...] to compare."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -137,26 +141,45 @@ def _attention_outputs(mask_type):
     from megatron_multilora.config import model_config_from
 
     platform.initialize_model_parallel(platform.ParallelLayout(), seed=3)
-    config = M.transformer_config(model_config_from("tiny-dense"))
+    mc = model_config_from("tiny-dense")
+    config = M.transformer_config(mc)
     heads, groups, dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
     g = torch.Generator().manual_seed(0)
     qkv = [torch.randn(SEQ, BATCH, n, dim, generator=g) for n in (heads, groups, groups)]
     mask = M.causal_attention_mask(SEQ) if mask_type == "causal" else torch.rand(BATCH, 1, SEQ, SEQ, generator=g) < 0.3
     mask[..., 0] = False  # every query sees at least one key
     kind = AttnMaskType.causal if mask_type == "causal" else AttnMaskType.padding
+    inv = 1.0 / (mc.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(SEQ, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], -1)[:, None, None, :]  # megatron's RotaryEmbedding output [s, 1, 1, d]
+    grad = torch.randn(SEQ, BATCH, heads * dim, generator=torch.Generator().manual_seed(1))
     out = {}
-    for name, cls in (("megatron", DotProductAttention), ("sdpa", M.sdpa_attention_class())):
-        attention = cls(config, layer_number=1, attn_mask_type=kind, attention_type="self")
+    for name in ("megatron", "sdpa"):
         inputs = [t.clone().requires_grad_(True) for t in qkv]
-        y = attention(*inputs, mask)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        if name == "megatron":
+            attention = DotProductAttention(config, layer_number=1, attn_mask_type=kind, attention_type="self")
+            q, k = (apply_rotary_pos_emb(t, emb, config=config) for t in inputs[:2])
+            y = attention(q, k, inputs[2], mask)
+        else:
+            attention = M.sdpa_attention_class()(config, layer_number=1, attn_mask_type=kind, attention_type="self",
+                                                 rotary_base=mc.rotary_base)
+            if layout == "sb":
+                y = attention(*inputs, mask)
+            else:  # token-major: sample after sample
+                bounds = torch.arange(0, SEQ * BATCH + 1, SEQ, dtype=torch.int32)
+                packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                                         max_seqlen_q=SEQ, max_seqlen_kv=SEQ)
+                y = attention(*(t.transpose(0, 1).reshape(SEQ * BATCH, *t.shape[2:]) for t in inputs), None,
+                              packed_seq_params=packed)
+                y = y.view(BATCH, SEQ, -1).transpose(0, 1)
+        y.backward(grad)
         out[name] = [y.detach()] + [t.grad for t in inputs]
     return out
 
 
-@pytest.mark.parametrize("mask_type", ["causal", "arbitrary"])
-def test_sdpa_attention_equals_megatron_attention(mask_type):
-    out = run_world(_attention_outputs, 1, mask_type)[0]
+@pytest.mark.parametrize("mask_type,layout", [("causal", "sb"), ("arbitrary", "sb"), ("causal", "token_major")])
+def test_sdpa_attention_equals_megatron_rope_and_attention(mask_type, layout):
+    out = run_world(_attention_outputs, 1, mask_type, layout)[0]
     for ours, ref in zip(out["sdpa"], out["megatron"]):
         assert ours.shape == ref.shape
         assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()

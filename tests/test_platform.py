@@ -126,17 +126,6 @@ def probe_utils(ctx):
     return t.shape == (3, 5) and t.device.type == "cpu"
 
 
-def probe_rope(ctx):
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    ctx["rope"] = ctx.get("rope", 0) + 1
-    n = 6 + ctx["rope"]  # forward is lru-cached: a fresh module and length every time
-    emb = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)(n)
-    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
-    freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)
-    return emb.shape == (n, 1, 1, 16) and torch.allclose(emb.reshape(n, 16), torch.cat([freqs, freqs], -1))
-
-
 def probe_router(_ctx):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.router import TopKRouter
@@ -221,7 +210,6 @@ PROBES = {  # patch name -> (layout, probe)
     "megatron.core.tensor_parallel.mappings": (_tp2, probe_mappings),
     "megatron.core.tensor_parallel.layers": (_tp2, probe_layers),
     "megatron.core.utils": (_tp2, probe_utils),
-    "megatron.core.models.common.embeddings.rotary_pos_embedding": (_tp2, probe_rope),
     "megatron.core.transformer.moe.router": (_tp2, probe_router),
     "megatron.core.transformer.moe.token_dispatcher": (_ep2, probe_token_dispatcher),
     "megatron.core.transformer.moe.moe_utils.te_general_gemm": (_tp2, probe_router),
