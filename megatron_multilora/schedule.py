@@ -50,7 +50,8 @@ def forward_backward(
             output = after_forward(batch, output)
         return output, partial(loss_func, batch)
 
-    if model_lib.token_major((model[0] if isinstance(model, list) else model).config):  # the pipeline's [s, b, h] messages are [b * s, 1, h]
+    first_chunk = model[0] if isinstance(model, list) else model
+    if model_lib.token_major(first_chunk.config):  # the pipeline's [s, b, h] messages are [b * s, 1, h]
         seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     return get_forward_backward_func()(
         forward_step_func=forward_step,
