@@ -33,8 +33,8 @@ hidden-sized tensor shows. A slot's scale multiplies the rank-sized products (ma
 hidden-sized output or gradient. A run's rows are a view when they form one matrix per segment (L == 1 -- the
 token-major layout, the model's default -- or one segment spanning the micro-batch: then nothing is sliced or
 copied), else copied once into [G, L * n, d] (under sequence parallelism; kept for backward; strided views of
-one-sample segments made the weight-gradient bmm ~2x slower than the copy; these copies made a 64-wide model's
-8-tenant batch 1.17x its one-tenant batch, 1.06x token-major: tools/bench.py case 1);
+one-sample segments made the weight-gradient bmm ~2x slower than the copy; these copies made a 64x64 layer's
+8-tenant batch 1.22x its one-tenant batch, 1.02x token-major: tools/bench.py case 1);
 products are written straight into the output's rows when those are a view, else through one temporary. The
 delta is added into the base linear's output in place (no delta tensor, no add pass: one adapter's step over its
 frozen base 1.08 -> 1.04 at d=1024, bench case 9); autograd refuses that on a view, so an output that is one
@@ -125,7 +125,7 @@ def _batched(rows: torch.Tensor, count: int, copy: bool = True) -> torch.Tensor 
     block): a view when L == 1 or the rows are one [L * n, d] matrix, else a contiguous copy (None if `copy`
     is False)."""
     seq, m, d = rows.shape
-    if seq == 1 and count == 1:  # one segment of a one-token sequence: already [1, n, d]
+    if seq == 1 and count == 1:  # one segment, L == 1 (token-major): already [1, n, d]
         return rows
     n = m // count
     if seq == 1 or (count == 1 and rows.stride(0) == m * rows.stride(1)):
