@@ -12,6 +12,17 @@ from typing import Callable, Iterable
 import torch
 
 from . import model as model_lib
+from . import platform
+
+DEVICE_KEYS = ("tokens", "labels", "loss_mask")  # what the model and the loss compute with
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The micro-batch's model inputs and loss mask moved to `device`, in place (the data source builds them on
+    the host; slot ids and routing stay there: they are read on the host)."""
+    for key in DEVICE_KEYS:
+        batch[key] = batch[key].to(device, non_blocking=True)
+    return batch
 
 
 def token_loss_func(batch: dict, per_token_loss: torch.Tensor):
@@ -36,13 +47,15 @@ def forward_backward(
     after_forward: Callable[[dict, torch.Tensor], torch.Tensor] | None = None,
 ):
     """Run megatron's schedule over `micro_batches` (dicts with tokens, labels, loss_mask) on this rank's
-    model chunk. `before_forward(batch)` runs right before the model sees a micro-batch (e.g. to install its
+    model chunk, each micro-batch moved to this rank's device first. `before_forward(batch)` runs right before the model sees a micro-batch (e.g. to install its
     adapter routing); `after_forward(batch, output)` may hook the output. Returns the schedule's per
     micro-batch loss reductions (last pipeline stage only)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    device = platform.device()
+
     def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator), device)
         if before_forward is not None:
             before_forward(batch)
         output = model_lib.forward_micro_batch(chunk, batch["tokens"], batch["labels"])

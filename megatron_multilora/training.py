@@ -231,18 +231,18 @@ class MultiLoRATrainer:
     def _run_micro_batches(self, micro_batches: list[dict], forward_only: bool):
         """Forward (and backward) over this rank's micro-batches; per-slot loss sums and token counts, summed
         over data-parallel ranks (the losses, computed on the last stage, are shared with every stage)."""
-        slots = self.run.lora.max_slots
-        loss_sum = torch.zeros(slots, dtype=torch.float64)
+        slots, device = self.run.lora.max_slots, platform.device()  # the stats are reduced where NCCL can
+        loss_sum = torch.zeros(slots, dtype=torch.float64, device=device)
         tokens = torch.zeros(slots, dtype=torch.float64)
         for mb in micro_batches:
             mb["routing"] = AdapterRouting(mb["slots"], self.table)
             real = mb["slots"] != PAD_SLOT
             tokens.index_add_(0, mb["slots"][real], mb["loss_mask"].sum(1)[real].double())
 
-        def loss_func(batch, per_token_loss):
+        def loss_func(batch, per_token_loss):  # batch: moved to the device by forward_backward
             real = batch["slots"] != PAD_SLOT
             per_sample = (per_token_loss.detach().float() * batch["loss_mask"]).sum(1).double()
-            loss_sum.index_add_(0, batch["slots"][real], per_sample[real])
+            loss_sum.index_add_(0, batch["slots"][real].to(device), per_sample[real.to(device)])
             return token_loss_func(batch, per_token_loss)
 
         if micro_batches:
@@ -252,9 +252,10 @@ class MultiLoRATrainer:
                 before_forward=lambda b: b["routing"].activate(),
                 after_forward=lambda b, out: b["routing"].bind_to_backward(out),
             )
-        stats = torch.stack([loss_sum, tokens])
+        stats = torch.stack([loss_sum, tokens.to(device)])
         dist.all_reduce(stats, group=self.dp_group)
         dist.all_reduce(stats[0], group=self.pp_group)  # losses live on the last stage: every rank knows them
+        stats = stats.cpu()  # the step's one host read of them
         return stats[0], stats[1]
 
     def train_step(self) -> dict:

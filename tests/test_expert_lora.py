@@ -202,6 +202,39 @@ def test_experts_and_ranks_without_tokens(reference, starved_reference, dispatch
         assert _rel(grads[key], r) <= 1e-5, (key, _rel(grads[key], r))
 
 
+def _grouped_vs_plain(base_dir):
+    """The experts of a LoRA-wrapped MoE layer (all local experts' linears in one function each, megatron's
+    MLP.forward once over all rows) on base-only tokens, and a plain per-expert PyTorch computation."""
+    from megatron_multilora.lora import routing as routing_lib
+
+    gpt, _ = W.build("tiny-moe", {}, base_dir, TARGETS)
+    experts = gpt.decoder.layers[0].mlp.experts
+    counts = [5, 0, 9, 3][:experts.num_local_experts]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(sum(counts), experts.config.hidden_size, generator=g)
+    probs = torch.rand(sum(counts), generator=g)
+    gy = torch.randn(sum(counts), experts.config.hidden_size, generator=g)
+    experts.lora_dispatcher.lora_permuted_slots = torch.full((sum(counts),), routing_lib.NO_ADAPTER)
+    xi = x.clone().requires_grad_(True)
+    out, bias = experts(xi, torch.tensor(counts), probs)
+    (out * gy).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    ref = []
+    for expert, rows, p in zip(experts.local_experts, xr.split(counts), probs.split(counts)):
+        gate, up = (rows @ expert.linear_fc1.weight.t()).chunk(2, dim=-1)
+        ref.append((torch.nn.functional.silu(gate) * up * p.unsqueeze(-1)) @ expert.linear_fc2.weight.t())
+    ref = torch.cat(ref)
+    (ref * gy).sum().backward()
+    return dict(out=_rel(out.detach(), ref.detach()), grad=_rel(xi.grad, xr.grad), bias=bias)
+
+
+def test_grouped_experts_equal_a_plain_per_expert_loop(tmp_path):
+    """megatron's SequentialMLP would run each expert's MLP on its rows; the grouped experts (which the LoRA needs)
+    must give the same outputs and input gradients, including an expert without tokens."""
+    out = run_world(_grouped_vs_plain, 1, str(tmp_path))[0]
+    assert out["out"] <= 1e-6 and out["grad"] <= 1e-6 and out["bias"] is None, out
+
+
 @pytest.mark.parametrize("flag,value", [("moe_apply_probs_on_input", True), ("fp8", "e4m3"),
                                         ("moe_permute_fusion", True), ("moe_pad_expert_input_to_capacity", True)])
 def test_unsupported_expert_configs_are_refused_by_name(flag, value):

@@ -406,27 +406,29 @@ def test_permute_rows_gathers_both_ways():
     assert torch.equal(x.grad, torch.zeros_like(g).index_put_((order,), g))
 
 
-# Expert tokens of several local experts in one call (ops.expert_lora): (segments as (expert, slot, start, end, rank,
-# scale), tokens, in, out). 3 experts x 6 slots of max rank 8; runs break at uncovered rows and rank changes. Rank 2
-# (8-byte rows) takes the padded bmm even in grouped-mm mode: grouped_mm wants row strides of 16-byte multiples.
+# One linear of several local experts in one call (ops.expert_linear): (segments as (expert, slot, start, end, rank,
+# scale), rows per expert, in, out). 3 experts x 6 slots of max rank 8; runs break at uncovered rows and rank
+# changes. Rank 2 (8-byte rows) takes the padded bmm even in grouped-mm mode: grouped_mm wants row strides of
+# 16-byte multiples.
 EXPERT_CASES = {
     # every expert's slots evenly spaced (weight views), uniform rank and scale, base-only tokens between runs
     "uniform": ([(0, 0, 0, 3, 8, 2.0), (0, 1, 3, 7, 8, 2.0), (1, 0, 7, 8, 8, 2.0), (1, 2, 10, 15, 8, 2.0),
-                 (1, 4, 15, 17, 8, 2.0), (2, 1, 17, 20, 8, 2.0)], 22, 12, 20),
+                 (1, 4, 15, 17, 8, 2.0), (2, 1, 17, 20, 8, 2.0)], [7, 10, 5], 12, 20),
     # mixed ranks (a run per rank), per-segment scales, slots not evenly spaced (gathered, index_add_)
     "mixed": ([(0, 3, 0, 2, 4, 0.5), (0, 0, 2, 6, 4, 2.0), (0, 1, 6, 7, 4, 1.0), (1, 5, 7, 11, 8, 3.0),
-               (2, 0, 11, 12, 8, 0.25), (2, 2, 12, 15, 2, 1.0), (2, 3, 15, 19, 2, 1.0)], 19, 12, 20),
-    # one run over every token (the product is the delta; no zero-filled buffers)
-    "spanning": ([(0, 2, 0, 5, 8, 2.0), (1, 2, 5, 6, 8, 2.0), (2, 5, 6, 11, 8, 2.0)], 11, 12, 20),
+               (2, 0, 11, 12, 8, 0.25), (2, 2, 12, 15, 2, 1.0), (2, 3, 15, 19, 2, 1.0)], [7, 4, 8], 12, 20),
+    # one run over every token; an expert without tokens
+    "spanning": ([(0, 2, 0, 5, 8, 2.0), (2, 2, 5, 6, 8, 2.0), (3, 5, 6, 11, 8, 2.0)], [5, 0, 1, 5], 12, 20),
 }
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded-bmm", "grouped-mm"])
 @pytest.mark.parametrize("case", EXPERT_CASES)
-def test_expert_lora_matches_per_segment_reference(monkeypatch, case, padded):
-    """All local experts' LoRA in one grouped / padded GEMM per product equals a plain per-segment computation:
-    the delta (as a new tensor and added in place), the input gradient, and each expert's per-slot A / B gradients
-    (written only up to the slot's rank, idle slots and other experts' rows untouched)."""
+def test_expert_linear_matches_per_expert_reference(monkeypatch, case, padded):
+    """Every local expert's frozen linear plus all their LoRA in one function (one grouped / padded GEMM per
+    product) equals a plain per-expert, per-segment computation: the output, the input gradient, and each
+    expert's per-slot A / B gradients (written only up to the slot's rank, idle slots and other experts' rows
+    untouched); with a tenant's own LoRA input (dropout) the LoRA sees it and the base does not."""
     from megatron_multilora.lora import ops
 
     monkeypatch.setattr(ops, "_CPU_PADDED_GROUP", 10**9 if padded else 0)
@@ -434,43 +436,38 @@ def test_expert_lora_matches_per_segment_reference(monkeypatch, case, padded):
     real_grouped_mm = torch.nn.functional.grouped_mm
     monkeypatch.setattr(torch.nn.functional, "grouped_mm",
                         lambda *a, **k: grouped_calls.append(1) or real_grouped_mm(*a, **k))
-    segs, n, d_in, d_out = EXPERT_CASES[case]
+    segs, counts, d_in, d_out = EXPERT_CASES[case]
+    n, experts = sum(counts), len(counts)
     gen = torch.Generator().manual_seed(9)
-    a_ws = [torch.nn.Parameter(torch.randn(6, 8, d_in, generator=gen)) for _ in range(3)]
-    b_ws = [torch.nn.Parameter(torch.randn(6, d_out, 8, generator=gen)) for _ in range(3)]
+    weights = [torch.randn(d_out, d_in, generator=gen) for _ in range(experts)]
+    a_ws = [torch.nn.Parameter(torch.randn(6, 8, d_in, generator=gen)) for _ in range(experts)]
+    b_ws = [torch.nn.Parameter(torch.randn(6, d_out, 8, generator=gen)) for _ in range(experts)]
     x, gy = torch.randn(n, d_in, generator=gen), torch.randn(n, d_out, generator=gen)
-    segments = [ops.Segment(slot, start, end, rank, scale, 0.0, e) for e, slot, start, end, rank, scale in segs]
-
-    # reference: segment by segment on fresh leaves
-    xr = x.clone().requires_grad_(True)
-    ar = [a.detach().clone().requires_grad_(True) for a in a_ws]
-    br = [b.detach().clone().requires_grad_(True) for b in b_ws]
-    ref = torch.zeros(n, d_out)
-    for e, slot, start, end, rank, scale in segs:
-        ref[start:end] = scale * (xr[start:end] @ ar[e][slot, :rank].t()) @ br[e][slot, :, :rank].t()
-    (ref * gy).sum().backward()
+    segments = [ops.Segment(slot, start, end, rank, scale, 0.5, e) for e, slot, start, end, rank, scale in segs]
+    # a deterministic stand-in for dropout, so the LoRA's own input is checked exactly
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda t, p, training=True: t * (1 - p))
 
     sentinel = 7.0
-    for in_place in (False, True):
+    for training in (False, True):
+        lora_scale = 0.5 if training else 1.0
+        # reference: expert by expert and segment by segment on fresh leaves
+        xr = x.clone().requires_grad_(True)
+        ar = [a.detach().clone().requires_grad_(True) for a in a_ws]
+        br = [b.detach().clone().requires_grad_(True) for b in b_ws]
+        ref = torch.cat([rows @ w.t() for rows, w in zip(xr.split(counts), weights)])
+        for e, slot, start, end, rank, scale in segs:
+            lora_x = xr[start:end] * lora_scale
+            ref[start:end] += scale * (lora_x @ ar[e][slot, :rank].t()) @ br[e][slot, :, :rank].t()
+        (ref * gy).sum().backward()
+
         for p in a_ws + b_ws:
             p.grad = torch.full_like(p, sentinel)
         xi = x.clone().requires_grad_(True)
-        if in_place:
-            base = torch.randn(n, d_out, generator=gen, requires_grad=True)
-            y = ops.expert_lora(base * 1.0, xi, a_ws, b_ws, segments)
-            delta = (y - base).detach()
-        else:
-            y = delta = ops.expert_lora(None, xi, a_ws, b_ws, segments)
+        y = ops.expert_linear(xi, weights, counts, a_ws, b_ws, segments, training=training)
         (y * gy).sum().backward()
-        if in_place:
-            assert torch.equal(base.grad, gy), "the base output's gradient must pass through untouched"
-        assert _rel(delta.detach(), ref.detach()) <= TOL, in_place
-        assert _rel(xi.grad, xr.grad) <= TOL, in_place
-        covered = torch.zeros(n, dtype=torch.bool)
-        for *_, start, end, _r, _s in segs:
-            covered[start:end] = True
-        assert not delta[~covered].any() and not xi.grad[~covered].any(), "base-only tokens got a LoRA term"
-        for e in range(3):
+        assert _rel(y.detach(), ref.detach()) <= TOL, training
+        assert _rel(xi.grad, xr.grad) <= TOL, training
+        for e in range(experts):
             touched = {slot: rank for ee, slot, _s, _e, rank, _sc in segs if ee == e}
             for slot in range(6):
                 rank = touched.get(slot, 0)
@@ -479,4 +476,18 @@ def test_expert_lora_matches_per_segment_reference(monkeypatch, case, padded):
                     assert _rel(a_g[:rank] - sentinel, ar[e].grad[slot, :rank]) <= TOL, (e, slot, "A")
                     assert _rel(b_g[:, :rank] - sentinel, br[e].grad[slot, :, :rank]) <= TOL, (e, slot, "B")
                 assert (a_g[rank:] == sentinel).all() and (b_g[:, rank:] == sentinel).all(), (e, slot, rank)
+    # without segments: the experts' frozen linears alone
+    xi = x.clone().requires_grad_(True)
+    y = ops.expert_linear(xi, weights, counts)
+    assert torch.equal(y, torch.cat([rows @ w.t() for rows, w in zip(x.split(counts), weights)]))
     assert bool(grouped_calls) != padded, "the GEMM path under test was not the one taken"
+
+
+def test_expert_linear_refuses_a_trainable_base():
+    """The grouped experts compute no base weight gradient, so a base weight that requires one is refused by name
+    rather than silently left without it."""
+    from megatron_multilora.lora import ops
+
+    weights = [torch.nn.Parameter(torch.randn(4, 3)), torch.randn(4, 3)]
+    with pytest.raises(RuntimeError, match="frozen"):
+        ops.expert_linear(torch.randn(5, 3), weights, [2, 3])

@@ -253,3 +253,15 @@ def test_missing_data_file_duplicate_names_and_tp_not_dividing_heads(data, tmp_p
     assert proc.returncode == 2
     for part in ("missing.jsonl", "duplicate", "num_attention_heads"):
         assert part in proc.stderr, (part, proc.stderr)
+
+
+def test_micro_batches_are_moved_to_the_model_device():
+    """The data source builds micro-batches on the host; the schedule hands the model and the loss their tensors
+    on this rank's device (the meta device stands in for a GPU here) and leaves the host-side slot ids alone."""
+    from megatron_multilora.schedule import DEVICE_KEYS, to_device
+
+    batch = {"tokens": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long),
+             "loss_mask": torch.ones(2, 4), "slots": torch.tensor([0, 1])}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved is batch and all(batch[k].device.type == "meta" for k in DEVICE_KEYS)
+    assert batch["slots"].device.type == "cpu"

@@ -1,10 +1,10 @@
 """Slot-indexed LoRA on MoE experts under expert parallelism.
 
 Each local expert's fc1 / fc2 carries its own slot-indexed A and B (only this EP rank's experts, so the expert
-axis is sharded across EP ranks like the experts themselves); the LoRA of all local experts runs in one grouped
-GEMM per product (ops.expert_lora, SlotLoRASequentialMLP below). The slot of
-every token follows it through the token dispatcher: the dispatcher gathers and permutes an int slot-id vector
-exactly as it gathers and permutes the tokens, and every expert must see its tokens grouped by slot (its
+axis is sharded across EP ranks like the experts themselves); all local experts' fc1 (fc2), base and LoRA, run
+as one function with one grouped GEMM per LoRA product (ops.expert_linear, SlotLoRASequentialMLP below). The
+slot of every token follows it through the token dispatcher: the dispatcher gathers and permutes an int slot-id
+vector exactly as it gathers and permutes the tokens, and every expert must see its tokens grouped by slot (its
 segments). The allgather dispatcher's own permutation is made to take each expert's tokens in slot order, which
 costs nothing extra; after the alltoall dispatcher (whose chunks from several ranks interleave slots) the
 experts wrapper sorts the tokens by (expert, slot) around the base call and restores their order. No
@@ -20,6 +20,7 @@ import itertools
 
 import torch
 from megatron.core.tensor_parallel import all_to_all, gather_from_sequence_parallel_region
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 
 from . import ops, routing as routing_lib
@@ -112,53 +113,43 @@ class SlotTrackingAlltoAllDispatcher:
 
 
 class SlotLoRASequentialMLP:
-    """Mixin in front of megatron's SequentialMLP: every local expert's LoRA in one grouped product per linear.
+    """Mixin in front of megatron's SequentialMLP: all local experts at once, each linear kind one grouped product.
 
-    megatron runs the experts one after another; a LoRA call per expert linear (one matmul per (expert, slot)
-    segment and product) cost 5.2x the LoRA of a dense MLP over the same tokens x rank (tools/bench.py case 8,
-    tiny shape; 1.24x at d=1024). Here the tokens of all local experts, grouped by (expert, slot), go through one
-    grouped GEMM per product: fc1's LoRA delta is computed for every expert before megatron's loop and added to
-    each expert's fc1 output (before the activation), and fc2's LoRA, linear in fc2's input, is computed after
-    the loop from the inputs the expert fc2s handed over and added to the experts' joint output (before the
-    combine, as megatron adds each expert's)."""
+    megatron runs each expert's MLP on its own rows (a split, then per expert fc1, activation, fc2, then a cat):
+    a handful of autograd nodes per expert, and the LoRA would have to be handed into and out of that loop (the
+    glue cost the expert LoRA more than its GEMMs at the tiny shape, tools/bench.py case 8). Here megatron's own
+    MLP.forward runs ONCE over every local expert's rows, with `GroupedExpertLinears` in place of the expert's
+    fc1 / fc2: each is every local expert's frozen weight on its rows (one output buffer, one autograd node) plus
+    the LoRA of every (expert, slot) segment in one grouped GEMM (ops.expert_linear), so the activation, the
+    probabilities and everything else between the two linears are megatron's, applied to all rows at once (they
+    are row-wise, so this equals the loop)."""
 
     def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):
         routing = routing_lib.current()
         slots = self.lora_dispatcher.lora_permuted_slots
-        if routing is None or not bool((slots != routing_lib.NO_ADAPTER).any()):
-            return super().forward(permuted_hidden, tokens_per_expert, permuted_probs)
         counts = tokens_per_expert.tolist()
+        fc1, fc2 = self.lora_fc1, self.lora_fc2
         order = None
-        if not self.lora_dispatcher.lora_grouped_by_slot:  # alltoall: sort by (expert, slot) unless already so
-            expert_of = torch.repeat_interleave(torch.arange(len(counts), device=slots.device),
-                                                torch.as_tensor(counts, device=slots.device))
-            keys = expert_of * (int(slots.max()) + 2) + (slots + 1)
-            if not bool((keys[1:] >= keys[:-1]).all()):
-                order = torch.argsort(keys, stable=True)
-                slots = slots[order]
-                inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(order.numel(), device=order.device)
-                permuted_hidden = ops.permute_rows(permuted_hidden, order, inverse)
-                permuted_probs = permuted_probs[order]
-        io1, io2 = self.lora_io
-        fc1, fc2 = io1.linears, io2.linears
-        runs = self._expert_slot_runs(slots, counts)
-        seg1 = routing.expert_segments(fc1[0].lora_kind, runs) if fc1 else []
-        seg2 = routing.expert_segments(fc2[0].lora_kind, runs) if fc2 else []
+        if routing is not None and bool((slots != routing_lib.NO_ADAPTER).any()):
+            if not self.lora_dispatcher.lora_grouped_by_slot:  # alltoall: sort by (expert, slot) unless so already
+                expert_of = torch.repeat_interleave(torch.arange(len(counts), device=slots.device),
+                                                    torch.as_tensor(counts, device=slots.device))
+                keys = expert_of * (int(slots.max()) + 2) + (slots + 1)
+                if not bool((keys[1:] >= keys[:-1]).all()):
+                    order = torch.argsort(keys, stable=True)
+                    slots = slots[order]
+                    inverse = torch.empty_like(order)
+                    inverse[order] = torch.arange(order.numel(), device=order.device)
+                    permuted_hidden = ops.permute_rows(permuted_hidden, order, inverse)
+                    permuted_probs = permuted_probs[order]
+            runs = self._expert_slot_runs(slots, counts)
+            fc1.segments = routing.expert_segments(fc1.lora_kind, runs) if fc1.lora_kind else []
+            fc2.segments = routing.expert_segments(fc2.lora_kind, runs) if fc2.lora_kind else []
+        fc1.counts = fc2.counts = counts
         try:
-            if seg1:
-                delta = ops.expert_lora(None, permuted_hidden, [lin.lora_A for lin in fc1],
-                                        [lin.lora_B for lin in fc1], seg1, self.training)
-                io1.deltas = delta.split(counts)
-            if seg2:
-                io2.inputs = [None] * len(fc2)
-            out, bias = super().forward(permuted_hidden, tokens_per_expert, permuted_probs)
-            if seg2:
-                act = torch.cat(io2.inputs)
-                out = ops.expert_lora(out, act, [lin.lora_A for lin in fc2], [lin.lora_B for lin in fc2], seg2,
-                                      self.training)
+            out, bias = MLP.forward(self.lora_grouped, permuted_hidden, permuted_probs)
         finally:
-            io1.deltas = io2.inputs = None
+            fc1.segments = fc2.segments = ()
         if order is not None:
             out = ops.permute_rows(out, inverse, order)
         return out, bias
@@ -178,16 +169,37 @@ class SlotLoRASequentialMLP:
         return runs
 
 
-class ExpertLoRAHandover:
-    """What a MoE layer's experts wrapper and its expert fc1s (or fc2s) hand each other during one forward: fc1's
-    LoRA delta per local expert (added to that expert's fc1 output), or the inputs of the fc2s (their LoRA runs
-    after megatron's expert loop). A plain object the linears share, set up once (per-forward module attributes
-    would cost a Module.__setattr__ per linear)."""
+class GroupedExpertLinears:
+    """One linear kind (fc1 or fc2) of every local expert, called as megatron's MLP calls its linear_fc1 /
+    linear_fc2 (x -> (y, None)): the experts' frozen weights on their rows, then, for a micro-batch with
+    adapters, their LoRA added in place (lora_kind None: this kind carries no LoRA). The experts wrapper sets the
+    per-forward `counts` (rows per local expert) and `segments` (the LoRA's (expert, slot) segments)."""
 
-    def __init__(self, linears: list):
-        self.linears = linears  # the wrapped expert linears of one kind, by local expert
-        self.deltas = None  # fc1: local expert -> its rows of the LoRA delta
-        self.inputs = None  # fc2: local expert -> the input it saw
+    def __init__(self, linears: list, training_of):
+        self.linears, self.training_of = linears, training_of
+        lora = [lin for lin in linears if hasattr(lin, "lora_kind")]
+        if lora and len(lora) != len(linears):
+            raise NotImplementedError("expert LoRA targets every local expert's linear of a kind or none")
+        self.lora_kind = lora[0].lora_kind if lora else None
+        self.counts, self.segments = [], ()
+
+    def __call__(self, x):
+        weights = [lin.weight for lin in self.linears]
+        if not self.segments:
+            return ops.expert_linear(x, weights, self.counts), None
+        return ops.expert_linear(x, weights, self.counts, [lin.lora_A for lin in self.linears],
+                                 [lin.lora_B for lin in self.linears], self.segments, self.training_of.training), None
+
+
+class _GroupedExperts:
+    """What megatron's MLP.forward reads of its `self` -- config, activation_func, linear_fc1, linear_fc2 -- for
+    all local experts at once (the activation of expert 0, which every local expert shares)."""
+
+    def __init__(self, experts):
+        first = experts.local_experts[0]
+        self.config, self.activation_func = first.config, first.activation_func
+        self.linear_fc1 = GroupedExpertLinears([e.linear_fc1 for e in experts.local_experts], experts)
+        self.linear_fc2 = GroupedExpertLinears([e.linear_fc2 for e in experts.local_experts], experts)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -224,12 +236,15 @@ def track_expert_slots(moe_layer) -> None:
             raise NotImplementedError(f"expert LoRA does not support {flag}={getattr(config, flag)!r}")
     if not isinstance(experts, SequentialMLP):
         raise NotImplementedError(f"expert LoRA needs SequentialMLP experts, not {type(experts).__name__}")
+    for expert in experts.local_experts:
+        if type(expert).forward is not MLP.forward:
+            raise NotImplementedError(f"expert LoRA runs megatron's MLP.forward over all local experts at once, "
+                                      f"not {type(expert).__name__}.forward")
+        for linear in (expert.linear_fc1, expert.linear_fc2):
+            if getattr(linear, "bias", None) is not None:
+                raise NotImplementedError("expert LoRA's grouped experts take no expert bias (add_bias_linear)")
     dispatcher.__class__ = _with_mixin(mixin, type(dispatcher))
     experts.__class__ = _with_mixin(SlotLoRASequentialMLP, type(experts))
     experts.lora_dispatcher = dispatcher
-    experts.lora_io = tuple(
-        ExpertLoRAHandover([lin for e in experts.local_experts if hasattr(lin := getattr(e, name), "lora_kind")])
-        for name in ("linear_fc1", "linear_fc2"))
-    for io in experts.lora_io:
-        for index, linear in enumerate(io.linears):
-            linear.lora_expert_io, linear.lora_expert_index = io, index
+    experts.lora_grouped = _GroupedExperts(experts)
+    experts.lora_fc1, experts.lora_fc2 = experts.lora_grouped.linear_fc1, experts.lora_grouped.linear_fc2

@@ -60,8 +60,6 @@ class SlotLoRALinear:
         partial = self.lora_tp_size > 1 and (self.lora_sequence_parallel or self.lora_dispatcher_comm)
         # A gradient that is a partial sum over this TP group (summed once per step by lora.grads).
         replicated.partial_grad_group = tp_group if partial else None
-        # expert linears: what they exchange with the experts wrapper (lora/experts.py ExpertLoRAHandover)
-        self.lora_expert_io, self.lora_expert_index = None, 0
         for p in (self.lora_A, self.lora_B):
             p.lora_param = True
             p.norm_group = "expert" if expert else "dense"
@@ -134,14 +132,10 @@ class SlotLoRALinear:
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, input_, *args, **kwargs):
+        if self.lora_kind in EXPERT_TARGETS:
+            raise RuntimeError(f"{self.global_name}: an expert linear with LoRA runs only inside its MoE layer's "
+                               "experts (lora/experts.py), which compute all local experts' linears at once")
         output, bias = super().forward(input_, *args, **kwargs)
-        if self.lora_kind in EXPERT_TARGETS:  # dispatched tokens: the experts wrapper does all local experts' LoRA
-            io = self.lora_expert_io
-            if io.deltas is not None:  # fc1: add this expert's rows of the delta (before the activation)
-                output = output + io.deltas[self.lora_expert_index]
-            if io.inputs is not None:  # fc2: hand the input over
-                io.inputs[self.lora_expert_index] = input_
-            return output, bias
         routing = routing_lib.current()
         if routing is None:
             return output, bias

@@ -19,10 +19,12 @@ segment). Runs need no padding and no masks, and a run's block of h is its segme
 packed layout, which the tensor-parallel `middle` sees, is the same as with one matmul per segment. Segments of
 unequal size are runs of one, each a matmul on views.
 
-Expert tokens (`expert_lora`, below) are rows of one [T, in] matrix grouped by (local expert, slot), with no
+Expert tokens (`expert_linear`, below) are rows of one [T, in] matrix grouped by (local expert, slot), with no
 tensor-parallel middle (the token dispatcher does the experts' communication), so all local experts' segments
 of one rank go through ONE grouped GEMM per product (torch's grouped_mm over the jagged rows; on CPU, for small
-groups, one bmm over the groups padded to the longest), with the experts' weights stacked per segment.
+groups, one bmm over the groups padded to the longest), with the experts' weights stacked per segment. The
+experts' frozen base linear is part of the same autograd function: the LoRA is written into its output, and
+its input gradient into the base's, with no node, temporary or pass of its own.
 
 Weight gradients are accumulated straight into `param.grad` (as megatron does for main_grad with gradient
 accumulation fusion; in training that is a row of lora/grads.GradBuffer): only the touched slots' rows (up to
@@ -62,7 +64,7 @@ class Segment(NamedTuple):
     rank: int
     scale: float
     dropout: float = 0.0
-    weight: int = 0  # expert tokens: which local expert's A / B (an index into expert_lora's weight lists)
+    weight: int = 0  # expert tokens: which local expert's A / B (an index into expert_linear's LoRA lists)
 
     @property
     def size(self) -> int:
@@ -300,7 +302,7 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) ->
     return _Permute.apply(x, order, inverse)
 
 
-# ---- expert tokens: every local expert's LoRA in one batched GEMM per product ---------------------------------
+# ---- expert tokens: every local expert's linear, and all their LoRA in one batched GEMM per product -------------
 # On CPU torch's grouped_mm is a loop of one matmul per group (~6 us each at a few tokens per (expert, slot));
 # below this many elements per group (its padded input and output rows) one bmm over the groups padded to the
 # largest is cheaper than that loop, above it the padding's extra passes cost more (measured, tools/bench.py
@@ -313,10 +315,10 @@ class _ExpertRun(NamedTuple):
     """Adjacent segments of expert tokens (rows [start, end) of x [T, in]) of one rank `rank`, of any sizes,
     slots, scales and experts: one batched GEMM per product, either torch's grouped_mm over the jagged rows
     (`offs`: int32 segment ends) or one bmm over the segments padded to `longest` rows (`pos`: each row's place
-    in the padded [G * longest] rows). `scale` is the segments' common scale, or their scales per row [n, 1] and
-    per padded segment [G, 1, 1]; `pieces` are (expert, slot rows, first, end): consecutive segments of one
-    expert, its weights' rows of those slots (a slice, or an index tensor when not evenly spaced) and rows
-    [first, end) of the run's stacked weights."""
+    in the padded [G * longest] rows; `src`: each padded row's row in the run, 0 for a gap). `scale` is the
+    segments' common scale, or their scales per row [n, 1] and per padded segment [G, 1, 1]; `pieces` are
+    (expert, slot rows, first, end): consecutive segments of one expert, its weights' rows of those slots (a
+    slice, or an index tensor when not evenly spaced) and rows [first, end) of the run's stacked weights."""
 
     start: int
     end: int
@@ -327,6 +329,7 @@ class _ExpertRun(NamedTuple):
     longest: int
     offs: torch.Tensor
     pos: torch.Tensor
+    src: torch.Tensor
     gaps: torch.Tensor | None  # the padded rows no token fills (None: all segments are equally long)
 
     def padded(self, x: torch.Tensor, out_features: int, max_rank: int) -> bool:
@@ -363,6 +366,8 @@ def _expert_runs(segments: tuple[Segment, ...], device: torch.device) -> tuple[_
         ends = size_t.cumsum(0)
         pos = torch.arange(sum(sizes), device=device) + torch.repeat_interleave(
             torch.arange(len(sizes), device=device) * longest - (ends - size_t), size_t)
+        src = torch.zeros(len(sizes) * longest, dtype=torch.long, device=device).index_copy_(
+            0, pos, torch.arange(sum(sizes), device=device))
         gaps = None
         if sum(sizes) < len(sizes) * longest:
             filled = torch.zeros(len(sizes) * longest, dtype=torch.bool, device=device).index_fill_(0, pos, True)
@@ -375,7 +380,7 @@ def _expert_runs(segments: tuple[Segment, ...], device: torch.device) -> tuple[_
                      scales.view(-1, 1, 1))
         pieces = tuple((e, _slot_index(tuple(slots), device), a, b) for e, slots, a, b in pieces)
         runs.append(_ExpertRun(g[0].start, g[-1].end, g[0].rank, tuple(sizes), scale, pieces, longest, offs, pos,
-                               gaps))
+                               src, gaps))
     return tuple(runs)
 
 
@@ -425,10 +430,12 @@ def _scaled(t: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
     return (t * (per_segment if t.dim() == 3 else per_row)).to(t.dtype)
 
 
-def _pad(rows: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
-    """Rows [n, d] of the run's segments -> [G, longest, d], zero where a segment is shorter."""
-    out = rows.new_empty(len(run.sizes) * run.longest, rows.shape[1]).index_copy_(0, run.pos, rows)
-    if run.gaps is not None:
+def _pad(rows: torch.Tensor, run: _ExpertRun, zero_gaps: bool) -> torch.Tensor:
+    """Rows [n, d] of the run's segments -> [G, longest, d] (one gather), the rows past a segment's end zero
+    (`zero_gaps`) or any of its rows: padded x has zero gaps, so h's are zero too and neither weight gradient
+    (gy^T h, g_h^T x) sees what the padded gradient holds there; every other padded row is dropped by _unpad."""
+    out = rows.index_select(0, run.src)
+    if zero_gaps and run.gaps is not None:
         out.index_fill_(0, run.gaps, 0)
     return out.view(len(run.sizes), run.longest, -1)
 
@@ -445,54 +452,57 @@ def _unpad(padded: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
     return padded.view(-1, padded.shape[-1]).index_select(0, run.pos)
 
 
-class _ExpertLoRA(torch.autograd.Function):
-    """out [T, out] += (the scaled LoRA products of every segment), one batched GEMM per product for each run,
-    in place (or a new tensor, zero where no segment is, when out is None). Experts need no tensor-parallel
-    communication of h (the token dispatcher does theirs), so shrink and expand are one function."""
+class _ExpertLinear(torch.autograd.Function):
+    """y [T, out]: every local expert's rows of x [T, in] (`counts` rows each, in expert order) times its frozen
+    weight^T, plus the scaled LoRA products of every (expert, slot) segment of `runs`, one batched GEMM per
+    product for each run, all in ONE autograd node (the LoRA written into y in place, its input gradient into
+    the base's). `x_lora` is the LoRA's own input (None: x) when a tenant has dropout. Each run's weights are
+    stacked once in forward and kept for backward; the LoRA parameters, passed last, receive their gradients
+    from this function (autograd runs it for them even when x needs no gradient)."""
 
     @staticmethod
-    def forward(ctx, out, x, runs, n_experts, *params):
+    def forward(ctx, x, x_lora, weights, counts, runs, n_experts, *params):
+        y = _per_expert_mm(x, weights, counts, transpose=True)
+        ctx.weights, ctx.counts, ctx.runs = weights, counts, runs
+        if not runs:
+            return y
         weights_a, weights_b = params[:n_experts], params[n_experts:]
-        new = out is None
-        if new and _uncovered(runs, x.shape[0]):
-            out = x.new_zeros(x.shape[0], weights_b[0].shape[1])
-        saved, stacked, padded = [], [], [run.padded(x, weights_b[0].shape[1], weights_b[0].shape[2])
-                                              for run in runs]
+        xl = x if x_lora is None else x_lora
+        saved, stacked, padded = [], [], [run.padded(x, y.shape[1], weights_b[0].shape[2]) for run in runs]
         for run, pad in zip(runs, padded):
             a, b = _stacked(weights_a, run, 1), _stacked(weights_b, run, 2)
-            xs = _rows(x, run)
+            xs = _rows(xl, run)
             if pad:  # x and h kept padded for the weight gradients
-                xs = _pad(xs, run)
+                xs = _pad(xs, run, zero_gaps=True)
                 hs = _bmm_scaled(xs, a.mT, run)
                 product = _unpad(torch.bmm(hs, b.mT), run)
             else:
                 hs = _scaled(torch.nn.functional.grouped_mm(xs, a.mT, offs=run.offs), run)
                 product = torch.nn.functional.grouped_mm(hs, b.mT, offs=run.offs)
-            if out is None:  # one run covering every row: the product is the delta
-                out = product
-            else:
-                _rows(out, run).add_(product)
+            _rows(y, run).add_(product)
             saved += [xs, hs]
             stacked.append((a, b))
         ctx.save_for_backward(*saved)
-        ctx.runs, ctx.padded, ctx.weights_a, ctx.weights_b, ctx.stacked = runs, padded, weights_a, weights_b, stacked
-        ctx.x_shape, ctx.new = x.shape, new
-        if not new:
-            ctx.mark_dirty(out)
-        return out
+        ctx.padded, ctx.weights_a, ctx.weights_b, ctx.stacked = padded, weights_a, weights_b, stacked
+        ctx.x_shape, ctx.own_input = x.shape, x_lora is not None
+        return y
 
     @staticmethod
-    def backward(ctx, grad_out):
-        runs, saved = ctx.runs, ctx.saved_tensors
-        gmm = torch.nn.functional.grouped_mm
+    def backward(ctx, grad_y):
         grad_x = None
-        if ctx.needs_input_grad[1] and (_uncovered(runs, ctx.x_shape[0]) or len(runs) > 1):
-            grad_x = grad_out.new_zeros(ctx.x_shape)
-        for i, (run, pad, (a, b)) in enumerate(zip(runs, ctx.padded, ctx.stacked)):
+        if ctx.needs_input_grad[0]:
+            grad_x = _per_expert_mm(grad_y, ctx.weights, ctx.counts, transpose=False)
+        if not ctx.runs:
+            return grad_x, None, None, None, None, None
+        grad_lora = grad_x
+        if ctx.own_input:
+            grad_lora = grad_y.new_zeros(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        gmm, saved = torch.nn.functional.grouped_mm, ctx.saved_tensors
+        for i, (run, pad, (a, b)) in enumerate(zip(ctx.runs, ctx.padded, ctx.stacked)):
             xs, hs = saved[2 * i], saved[2 * i + 1]
-            gy = _rows(grad_out, run)
+            gy = _rows(grad_y, run)
             if pad:
-                gy = _pad(gy, run)
+                gy = _pad(gy, run, zero_gaps=False)
                 g_h = _bmm_scaled(gy, b, run)
                 grad_b, grad_a = torch.bmm(gy.mT, hs), torch.bmm(g_h.mT, xs)
             else:
@@ -500,35 +510,40 @@ class _ExpertLoRA(torch.autograd.Function):
                 grad_b, grad_a = gmm(gy.t(), hs, offs=run.offs), gmm(g_h.t(), xs, offs=run.offs)
             _accumulate_stacked(ctx.weights_b, run, grad_b, 2)
             _accumulate_stacked(ctx.weights_a, run, grad_a, 1)
-            if ctx.needs_input_grad[1]:
-                gx = _unpad(torch.bmm(g_h, a), run) if pad else gmm(g_h, a, offs=run.offs)
-                if grad_x is None:
-                    grad_x = gx
-                else:
-                    _rows(grad_x, run).copy_(gx)
-        return (None if ctx.new else grad_out), grad_x, None, None, *([None] * (2 * len(ctx.weights_a)))
+            if grad_lora is not None:
+                _rows(grad_lora, run).add_(_unpad(torch.bmm(g_h, a), run) if pad else gmm(g_h, a, offs=run.offs))
+        return (grad_x, grad_lora if ctx.own_input else None, None, None, None, None,
+                *([None] * (2 * len(ctx.weights_a))))
+
+
+def _per_expert_mm(x: torch.Tensor, weights, counts: list[int], transpose: bool) -> torch.Tensor:
+    """Expert e's rows of x times weights[e]^T (`transpose`) or weights[e], into one new [T, *] tensor."""
+    out = x.new_empty(x.shape[0], weights[0].shape[0 if transpose else 1])
+    start = 0
+    for w, n in zip(weights, counts):
+        if n:
+            torch.mm(x[start:start + n], w.t() if transpose else w, out=out[start:start + n])
+        start += n
+    return out
 
 
 def _rows(t: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
     return t if run.start == 0 and run.end == t.shape[0] else t[run.start:run.end]
 
 
-def _uncovered(runs: list[_ExpertRun], n: int) -> bool:
-    return not (len(runs) == 1 and runs[0].start == 0 and runs[0].end == n)
-
-
-def expert_lora(out, x, weights_a, weights_b, segments, training=False):
-    """The LoRA of expert tokens x [T, in] whose segments (token rows of one (local expert, slot), sorted) may
-    belong to different local experts: segment.weight indexes weights_a ([slots, max_rank, in] per expert) and
-    weights_b ([slots, out, max_rank]). Added into out [T, out] in place, or returned as a new tensor (zero on
-    rows no segment covers) when out is None. One batched GEMM per product for each run of equal rank, however
-    many experts and slots it spans: a matmul per (expert, slot) segment made the expert LoRA cost 5.2x the
-    same tokens x rank on a dense MLP (tools/bench.py case 8, tiny shape)."""
-    runs = _expert_runs(tuple(segments), x.device)
-    if not runs:
-        return out if out is not None else x.new_zeros(x.shape[0], weights_b[0].shape[1])
-    if training and any(s.dropout > 0.0 for s in segments):
-        x = segment_dropout(x.unsqueeze(0), segments, training)[0]
-    if out is not None and out._base is not None:  # autograd forbids writing into a view
-        out = out.clone()
-    return _ExpertLoRA.apply(out, x, runs, len(weights_a), *weights_a, *weights_b)
+def expert_linear(x, weights, counts, lora_a=(), lora_b=(), segments=(), training=False):
+    """One linear of every local expert over the dispatched tokens x [T, in] (`counts` rows per local expert, in
+    expert order; weights[e] [out, in], frozen), with the LoRA of the tokens' segments (token rows of one (local
+    expert, slot), sorted; segment.weight indexes lora_a ([slots, max_rank, in] per expert) and lora_b ([slots,
+    out, max_rank])) added: one batched GEMM per product for each run of equal rank, however many experts and
+    slots it spans (a matmul per (expert, slot) segment made the expert LoRA cost 5.2x the same tokens x rank on
+    a dense MLP, tools/bench.py case 8, tiny shape)."""
+    if any(w.requires_grad for w in weights):
+        raise RuntimeError("the grouped experts compute no base weight gradient: the base must stay frozen")
+    if len(counts) != len(weights) or sum(counts) != x.shape[0]:
+        raise ValueError(f"rows per expert {counts} do not match {len(weights)} experts and {x.shape[0]} tokens")
+    runs = _expert_runs(tuple(segments), x.device) if segments else ()
+    x_lora = None
+    if runs and training and any(s.dropout > 0.0 for s in segments):
+        x_lora = segment_dropout(x.unsqueeze(0), segments, training)[0]
+    return _ExpertLinear.apply(x, x_lora, tuple(weights), counts, runs, len(lora_a), *lora_a, *lora_b)
