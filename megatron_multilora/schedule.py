@@ -47,9 +47,9 @@ def forward_backward(
     after_forward: Callable[[dict, torch.Tensor], torch.Tensor] | None = None,
 ):
     """Run megatron's schedule over `micro_batches` (dicts with tokens, labels, loss_mask) on this rank's
-    model chunk, each micro-batch moved to this rank's device first. `before_forward(batch)` runs right before the model sees a micro-batch (e.g. to install its
-    adapter routing); `after_forward(batch, output)` may hook the output. Returns the schedule's per
-    micro-batch loss reductions (last pipeline stage only)."""
+    model chunk, each micro-batch moved to this rank's device first. `before_forward(batch)` runs right before
+    the model sees a micro-batch (e.g. to install its adapter routing); `after_forward(batch, output)` may hook
+    the output. Returns the schedule's per micro-batch loss reductions (last pipeline stage only)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = platform.device()
