@@ -173,11 +173,17 @@ def _weights(w: torch.Tensor, run: _Run, index: tuple) -> torch.Tensor:
 _CPU_SMALL_GRAD = 4096
 
 
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    """param.grad, created zero on first use (in training it is a GradBuffer view from the start)."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
 def _accumulate(param: torch.Tensor, run: _Run, index: tuple, a, b, alpha: float = 1.0) -> None:
     """param.grad[index] += alpha * (a @ b) (batched over the run's slots), in place: one batched matmul into
     those rows, or one index_add_ when the slots are not evenly spaced; nothing else is written."""
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
+    _grad(param)
     if run.even and param.grad.dtype == a.dtype:
         rows = param.grad[index]
         if run.count > 1 and not rows.is_contiguous() and rows.is_cpu and rows[0].numel() < _CPU_SMALL_GRAD:
@@ -409,15 +415,13 @@ def _accumulate_stacked(params: list[torch.Tensor], run: _ExpertRun, grads: torc
     slots (up to rank), one foreach add for all experts; nothing else is written."""
     rows_of, sources = [], []
     for e, rows, first, end in run.pieces:
-        p = params[e]
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        src = grads[first:end] if grads.dtype == p.grad.dtype else grads[first:end].to(p.grad.dtype)
+        grad = _grad(params[e])
+        src = grads[first:end] if grads.dtype == grad.dtype else grads[first:end].to(grad.dtype)
         if isinstance(rows, slice):
-            rows_of.append(_to_rank(p.grad[rows], run.rank, rank_dim))
+            rows_of.append(_to_rank(grad[rows], run.rank, rank_dim))
             sources.append(src)
         else:
-            _to_rank(p.grad, run.rank, rank_dim).index_add_(0, rows, src)
+            _to_rank(grad, run.rank, rank_dim).index_add_(0, rows, src)
     if rows_of:
         torch._foreach_add_(rows_of, sources)
 
