@@ -476,10 +476,13 @@ def test_expert_linear_matches_per_expert_reference(monkeypatch, case, padded):
                     assert _rel(a_g[:rank] - sentinel, ar[e].grad[slot, :rank]) <= TOL, (e, slot, "A")
                     assert _rel(b_g[:, :rank] - sentinel, br[e].grad[slot, :, :rank]) <= TOL, (e, slot, "B")
                 assert (a_g[rank:] == sentinel).all() and (b_g[:, rank:] == sentinel).all(), (e, slot, rank)
-    # without segments: the experts' frozen linears alone
-    xi = x.clone().requires_grad_(True)
-    y = ops.expert_linear(xi, weights, counts)
-    assert torch.equal(y, torch.cat([rows @ w.t() for rows, w in zip(x.split(counts), weights)]))
+    # without segments: the experts' frozen linears alone (the LoRA lists given or not), backward included
+    for lora in ((), (a_ws, b_ws)):
+        xi = x.clone().requires_grad_(True)
+        y = ops.expert_linear(xi, weights, counts, *lora)
+        assert torch.equal(y, torch.cat([rows @ w.t() for rows, w in zip(x.split(counts), weights)]))
+        (y * gy).sum().backward()
+        assert torch.allclose(xi.grad, torch.cat([g @ w for g, w in zip(gy.split(counts), weights)]))
     assert bool(grouped_calls) != padded, "the GEMM path under test was not the one taken"
 
 

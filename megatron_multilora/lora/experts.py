@@ -128,7 +128,7 @@ class SlotLoRASequentialMLP:
         routing = routing_lib.current()
         slots = self.lora_dispatcher.lora_permuted_slots
         counts = tokens_per_expert.tolist()
-        fc1, fc2 = self.lora_fc1, self.lora_fc2
+        fc1, fc2 = self.lora_grouped.linear_fc1, self.lora_grouped.linear_fc2
         order = None
         if routing is not None and bool((slots != routing_lib.NO_ADAPTER).any()):
             if not self.lora_dispatcher.lora_grouped_by_slot:  # alltoall: sort by (expert, slot) unless so already
@@ -185,7 +185,7 @@ class GroupedExpertLinears:
 
     def __call__(self, x):
         weights = [lin.weight for lin in self.linears]
-        if not self.segments:
+        if not self.segments:  # (no LoRA parameter lists to build)
             return ops.expert_linear(x, weights, self.counts), None
         return ops.expert_linear(x, weights, self.counts, [lin.lora_A for lin in self.linears],
                                  [lin.lora_B for lin in self.linears], self.segments, self.training_of.training), None
@@ -247,4 +247,3 @@ def track_expert_slots(moe_layer) -> None:
     experts.__class__ = _with_mixin(SlotLoRASequentialMLP, type(experts))
     experts.lora_dispatcher = dispatcher
     experts.lora_grouped = _GroupedExperts(experts)
-    experts.lora_fc1, experts.lora_fc2 = experts.lora_grouped.linear_fc1, experts.lora_grouped.linear_fc2

@@ -183,16 +183,16 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
 def _accumulate(param: torch.Tensor, run: _Run, index: tuple, a, b, alpha: float = 1.0) -> None:
     """param.grad[index] += alpha * (a @ b) (batched over the run's slots), in place: one batched matmul into
     those rows, or one index_add_ when the slots are not evenly spaced; nothing else is written."""
-    _grad(param)
-    if run.even and param.grad.dtype == a.dtype:
-        rows = param.grad[index]
+    grad = _grad(param)
+    if run.even and grad.dtype == a.dtype:
+        rows = grad[index]
         if run.count > 1 and not rows.is_contiguous() and rows.is_cpu and rows[0].numel() < _CPU_SMALL_GRAD:
             rows.add_(torch.bmm(a, b), alpha=alpha)
         else:
             rows.baddbmm_(a, b, alpha=alpha)
     else:
         index_t = torch.tensor(run.slots, device=param.device)
-        param.grad[index].index_add_(0, index_t, torch.bmm(a, b).to(param.grad.dtype), alpha=alpha)
+        grad[index].index_add_(0, index_t, torch.bmm(a, b).to(grad.dtype), alpha=alpha)
 
 
 def _zero_uncovered(out: torch.Tensor, runs: list[_Run]) -> None:
@@ -546,8 +546,10 @@ def expert_linear(x, weights, counts, lora_a=(), lora_b=(), segments=(), trainin
         raise RuntimeError("the grouped experts compute no base weight gradient: the base must stay frozen")
     if len(counts) != len(weights) or sum(counts) != x.shape[0]:
         raise ValueError(f"rows per expert {counts} do not match {len(weights)} experts and {x.shape[0]} tokens")
-    runs = _expert_runs(tuple(segments), x.device) if segments else ()
+    if not segments:  # the frozen linears alone: the LoRA parameters are no inputs of the function
+        return _ExpertLinear.apply(x, None, tuple(weights), counts, (), 0)
+    runs = _expert_runs(tuple(segments), x.device)
     x_lora = None
-    if runs and training and any(s.dropout > 0.0 for s in segments):
+    if training and any(s.dropout > 0.0 for s in segments):
         x_lora = segment_dropout(x.unsqueeze(0), segments, training)[0]
     return _ExpertLinear.apply(x, x_lora, tuple(weights), counts, runs, len(lora_a), *lora_a, *lora_b)
