@@ -195,7 +195,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "added to the config's tenants")
     g.add_argument("--tenants-dir-idle-wait", type=float, metavar="SECONDS",
                    help="with --tenants-dir, how long a job with no tenant running or queued waits for one to "
-                        "join before it ends (idle, it holds no tenant state: stopping it loses nothing)" + _d(R, "tenants_dir_idle_wait"))
+                        "join before it ends (idle, it holds no tenant state: stopping it loses nothing)"
+                        + _d(R, "tenants_dir_idle_wait"))
 
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--load-base", metavar="DIR",

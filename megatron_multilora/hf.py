@@ -459,7 +459,8 @@ def load_into(gpt, tensors: Iterator[tuple[str, torch.Tensor]], source_keys: lis
                 raise HFCheckpointError(f"converted tensor {key} written twice")
             dest = target[key]
             if tuple(dest.shape) != tuple(tensor.shape):
-                raise HFCheckpointError(f"{key}: converted shape {tuple(tensor.shape)} != model shape {tuple(dest.shape)}")
+                raise HFCheckpointError(
+                    f"{key}: converted shape {tuple(tensor.shape)} != model shape {tuple(dest.shape)}")
             dest.copy_(tensor.to(dest.dtype))
             written.add(key)
     missing = sorted(set(target) - written)

@@ -180,8 +180,8 @@ class MultiLoRATrainer:
         elif common is not None:
             _check_same_adapter(tc, common, checkpoint)
         spec = LoRASpec(
-            rank=tc.rank, alpha=tc.alpha, target_modules=None if tc.target_modules is None else tuple(tc.target_modules),
-            dropout=tc.dropout, rslora=tc.rslora, init=tc.init,
+            rank=tc.rank, alpha=tc.alpha, dropout=tc.dropout, rslora=tc.rslora, init=tc.init,
+            target_modules=None if tc.target_modules is None else tuple(tc.target_modules),
         )
         train = TenantDataset(tc.train_data, self.tokenizer, self.seq_length, pack=self.run.pack_sequences)
         valid = TenantDataset(tc.valid_data, self.tokenizer, self.seq_length) if tc.valid_data else None

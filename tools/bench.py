@@ -23,7 +23,8 @@ Cases:
  6 memory: parameters + gradients + optimizer state; the base is never copied (bookkeeping, not timing)
  7 SlotOptimizer.step vs torch.optim.AdamW(foreach=True) over the same parameters
  8 expert LoRA vs dense LoRA over the same routed tokens x rank: the time expert LoRA adds to a MoE layer over
-   the time dense LoRA adds to a dense MLP of one expert's shape fed as many tokens as were routed
+   the time dense LoRA adds to a dense MLP of one expert's shape fed as many tokens as were routed (both
+   one-layer models, so the per-step gradient zeroing each side times covers the same one layer)
  9 Hugging Face transformers + peft training the same architecture (LlamaForCausalLM, random init, SDPA) on the
    same tokens: N adapters one after another (set_adapter, own AdamW, clipping) vs our mixed step, and one
    adapter vs one adapter
@@ -443,7 +444,8 @@ class Bench:
         t = self.timer.measure(variants, shape.budget)
         mean, weighted = w.flop_ratio(RANK)
         goal = 1 + 2 * weighted + 0.05
-        self.add(2, row(shape.name, f"step (fwd+bwd+opt, {n} tenants r={RANK}) / base fwd+bwd; FLOP ratio {weighted:.3f}",
+        self.add(2, row(shape.name,
+                        f"step (fwd+bwd+opt, {n} tenants r={RANK}) / base fwd+bwd; FLOP ratio {weighted:.3f}",
                         ratio(t, "lora_step", "base"), goal, flop_ratio=weighted, flop_ratio_mean=mean, ms=ms(t)))
         self.add(2, row(shape.name, "LoRA fwd+bwd (no optimizer) / base fwd+bwd", ratio(t, "lora_fwd_bwd", "base"),
                         goal, flop_ratio=weighted))
@@ -512,8 +514,8 @@ class Bench:
         }, shape.budget)
         self.add(5, row(shape.name, f"train step, 4 active, {samples}x{shape.seq} tok: 64 slots / 4 slots",
                         ratio(t, "64", "4"), 1.03, ms=ms(t)))
-        self.add(5, row(shape.name, "  fwd+bwd only (active slots' grad rows zeroed): 64 slots / 4 slots", ratio(t, "64_fb", "4_fb"),
-                        1.03))
+        self.add(5, row(shape.name, "  fwd+bwd only (active slots' grad rows zeroed): 64 slots / 4 slots",
+                        ratio(t, "64_fb", "4_fb"), 1.03))
 
     # ---- case 6 ---------------------------------------------------------------------------------------
     def case6(self, shape: Shape):
@@ -603,14 +605,20 @@ class Bench:
 
     # ---- case 8 ---------------------------------------------------------------------------------------
     def case8(self, shape: Shape):
-        moe = self.world(shape, 4, moe=True, tenants=4)
+        # One-layer models on both sides: each timed call zeroes its model's LoRA gradient rows, which with the
+        # 4-layer tiny MoE preset were 16x the dense side's (~0.03 ms of the MoE "LoRA time", not the layer's).
+        from megatron_multilora.config import model_config_from
+
+        moe_spec = dict(model_config_from(shape.moe).to_dict() if isinstance(shape.moe, str) else shape.moe,
+                        num_layers=1)
+        dense_spec = {k: v for k, v in moe_spec.items() if not k.startswith("moe_") and k != "num_experts"}
+        dense_spec.update(ffn_hidden_size=moe_spec["moe_ffn_hidden_size"])
+        for key, spec, targets in (("moe-one-layer", moe_spec, EXPERT),
+                                   ("dense-expert-shape", dense_spec, ("linear_fc1", "linear_fc2"))):
+            if (shape.name, key) not in self.worlds:
+                self.worlds[(shape.name, key)] = World(self, spec, 4, RANK, targets, 4)
+        moe, dense = self.worlds[(shape.name, "moe-one-layer")], self.worlds[(shape.name, "dense-expert-shape")]
         mc = moe.mc
-        dense_spec = {k: v for k, v in mc.to_dict().items() if not k.startswith("moe_") and k != "num_experts"}
-        dense_spec.update(num_layers=1, ffn_hidden_size=mc.moe_ffn_hidden_size)
-        key = (shape.name, "dense-expert-shape")
-        if key not in self.worlds:
-            self.worlds[key] = World(self, dense_spec, 4, RANK, ("linear_fc1", "linear_fc2"), 4)
-        dense = self.worlds[key]
         samples, seq, k = shape.moe_samples, shape.moe_seq, mc.moe_router_topk
         g = torch.Generator().manual_seed(5)
         # token-major [samples * s, 1, h], as the model feeds its layers (model.token_major)
@@ -641,7 +649,8 @@ class Bench:
         }, 2 * shape.budget, min_rounds=15, max_rounds=30)  # differences of timings: more rounds
         moe_lora, dense_lora = extra(t, "moe_lora", "moe_base"), extra(t, "dense_lora", "dense_base")
         routed = seq * samples * k
-        self.add(8, row(shape.name, f"LoRA time: expert ({mc.num_experts}E top{k}) / dense, {routed} routed tok x r{RANK}",
+        self.add(8, row(shape.name,
+                        f"LoRA time: expert ({mc.num_experts}E top{k}) / dense, {routed} routed tok x r{RANK}",
                         moe_lora / max(dense_lora, 1e-9), 1.3, ms=ms(t), moe_lora_ms=moe_lora * 1e3,
                         dense_lora_ms=dense_lora * 1e3))
         self.add(8, row(shape.name, "  MoE layer with expert LoRA / MoE layer base", ratio(t, "moe_lora", "moe_base")))
@@ -729,7 +738,8 @@ class Bench:
                         ratio(t, "peft_seq", "ours_mixed"), 1.0, lower_is_better=False, tokens_per_s=tps, ms=ms(t)))
         self.add(9, row(shape.name, f"tokens/s ours / PEFT, one adapter, {n * b}x{seq} tok",
                         ratio(t, "peft_one", "ours_one"), 1.0, lower_is_better=False))
-        self.add(9, row(shape.name, "  (context) one adapter, PEFT also computing the input gradient: tokens/s ours / PEFT",
+        self.add(9, row(shape.name,
+                        "  (context) one adapter, PEFT also computing the input gradient: tokens/s ours / PEFT",
                         ratio(t, "peft_one_input_grads", "ours_one")))
         self.add(9, row(shape.name, "  (context) frozen-base fwd+bwd: tokens/s megatron-core / HF Llama",
                         ratio(t, "hf_base", "ours_base")))
@@ -787,7 +797,8 @@ def markdown(results: dict, info: dict) -> str:
         "per-round ratios of variants run interleaved in one process (ratios of differences, as case 8's LoRA times: "
         "the ratio of the medians of per-round differences); malloc: " + info.get("malloc", "default") + ".",
         "",
-        f"Shapes: tiny = the tiny-dense / tiny-moe presets (d=64); large = d=1024, {info.get('large_layers', 4)} layers, "
+        "Shapes: tiny = the tiny-dense / tiny-moe presets (d=64); large = d=1024, "
+        f"{info.get('large_layers', 4)} layers, "
         "16 heads / 4 KV groups, SwiGLU 2816, vocab 4096, micro-batches of 32 x 16 tokens (MoE: one layer of 8 experts "
         "top-2, expert FFN 1024). LoRA rank 16 on linear_qkv, linear_proj, linear_fc1, linear_fc2 unless stated.",
         "",
