@@ -21,7 +21,8 @@ Cases:
  4 mixed training step vs the same tenants trained one after another on the same model
  5 resident idle slots: max_slots 64 vs 4 with the same 4 active tenants (full training step)
  6 memory: parameters + gradients + optimizer state; the base is never copied (bookkeeping, not timing)
- 7 SlotOptimizer.step vs torch.optim.AdamW(foreach=True) over the same parameters
+ 7 SlotOptimizer.step vs torch.optim.AdamW(foreach=True) over the same parameters (context: fused=True, the
+   kernel the SlotOptimizer runs on each slot's row)
  8 expert LoRA vs dense LoRA over the same routed tokens x rank: the time expert LoRA adds to a MoE layer over
    the time dense LoRA adds to a dense MLP of one expert's shape fed as many tokens as were routed (both
    one-layer models, so the per-step gradient zeroing each side times covers the same one layer)
@@ -589,6 +590,11 @@ class Bench:
                 slot_opt.configure_slot(k, SlotHyperParams(LRSchedule(lr=1e-4 * (1 + k % 7)), weight_decay=0.01,
                                                            clip_grad=1.0))
             adamw = torch.optim.AdamW(plain, lr=1e-4, weight_decay=0.01, foreach=True)
+            # context: torch's fused kernel, which the SlotOptimizer runs per slot row (own copies and grads)
+            fused_params = [torch.nn.Parameter(q.detach().clone()) for q in plain]
+            for q, f in zip(plain, fused_params):
+                f.grad = q.grad.clone()
+            adamw_fused = torch.optim.AdamW(fused_params, lr=1e-4, weight_decay=0.01, fused=True)
             scale = torch.full((slots,), 1e-2)
             active = torch.ones(slots, dtype=torch.bool)
 
@@ -597,11 +603,13 @@ class Bench:
                 adamw.step()
 
             t = self.timer.measure({"slot": lambda: slot_opt.step(scale, active), "adamw": adamw.step,
-                                    "clip_adamw": clip_adamw}, shape.budget)
+                                    "clip_adamw": clip_adamw, "adamw_fused": adamw_fused.step}, shape.budget)
             numel = sum(p.numel() for p in params)
             self.add(7, row(shape.name, f"{slots} slots all stepping ({numel / 1e6:.2f}M params): Slot / AdamW",
                             ratio(t, "slot", "adamw"), 1.2, ms=ms(t), slots=slots))
             self.add(7, row(shape.name, "  Slot / (clip_grad_norm_ + AdamW)", ratio(t, "slot", "clip_adamw")))
+            self.add(7, row(shape.name, "  Slot / AdamW(fused=True), one tensor per parameter, no clipping",
+                            ratio(t, "slot", "adamw_fused")))
 
     # ---- case 8 ---------------------------------------------------------------------------------------
     def case8(self, shape: Shape):
