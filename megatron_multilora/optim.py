@@ -718,13 +718,18 @@ class SlotOptimizer:
                 torch._foreach_copy_([wb for wb, _ in present], [g for _, g in present])
                 torch._foreach_mul_([wb for wb, _ in present], c if not isinstance(c, torch.Tensor) else
                                     [c] * len(present))
-            calls: Dict[tuple, List[list]] = {}
+            calls: Dict[tuple, Tuple[list, ...]] = {}  # (lr, beta1, beta2, weight decay, eps) -> tensor lists
+            step_of: Dict[int, torch.Tensor] = {}
             for j in range(k):
-                lr, beta1, beta2, decay, eps, step = adamw[first + j]
-                lists = calls.setdefault((lr, beta1, beta2, decay, eps), [[], [], [], [], []])
-                for dst, t in zip(lists, (weights[lo + j], w[j], m[lo + j], v[lo + j],
-                                          torch.tensor(float(step), device=self.device))):
-                    dst.append(t)
+                *hyper, step = adamw[first + j]
+                if step not in step_of:
+                    step_of[step] = torch.tensor(float(step), device=self.device)
+                ps, grads, ms, vs, steps = calls.setdefault(tuple(hyper), ([], [], [], [], []))
+                ps.append(weights[lo + j])
+                grads.append(w[j])
+                ms.append(m[lo + j])
+                vs.append(v[lo + j])
+                steps.append(step_of[step])
             for (lr, beta1, beta2, decay, eps), (ps, grads, ms, vs, steps) in calls.items():
                 torch._fused_adamw_(ps, grads, ms, vs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                                     weight_decay=decay, eps=eps, amsgrad=False, maximize=False)
