@@ -287,6 +287,9 @@ class SlotOptimizer:
         grad_sq_norms: Optional[Callable[[List[int]], Dict[str, torch.Tensor]]] = None,
     ) -> None:
         _check_int("num_slots", num_slots, minimum=1)
+        if not hasattr(torch, "_fused_adamw_"):
+            raise RuntimeError(f"SlotOptimizer runs torch's fused AdamW kernel (torch._fused_adamw_, CPU since torch "
+                               f"2.4); torch {torch.__version__} lacks it: install the torch of tools/setup.sh")
         self._num_slots = num_slots
         named = self._normalise_params(params)
         self._names: List[str] = [n for n, _ in named]

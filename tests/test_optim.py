@@ -267,6 +267,12 @@ def test_constructor_and_step_argument_errors():
         opt.configure_slot(3, HP_VARIANTS[0])
 
 
+def test_a_torch_without_the_fused_adamw_kernel_is_refused_up_front(monkeypatch):
+    monkeypatch.delattr(torch, "_fused_adamw_")
+    with pytest.raises(RuntimeError, match="fused AdamW kernel"):
+        SlotOptimizer(make_params(3), 3)
+
+
 # ------------------------------------------------------------------------ AdamW equivalence
 def test_single_slot_matches_torch_adamw_with_scaling_and_clipping():
     params = make_params(1)
