@@ -698,6 +698,7 @@ class SlotOptimizer:
         width = sum(widths)
         pieces = _pieces(gs, widths)
         scratch = self._scratch()
+        step_of = {t: torch.tensor(float(t), device=self.device) for t in {hp[-1] for hp in adamw}}  # read only
         for lo, k, first in _row_groups(width, runs, self._block_numel()):
             w = scratch.narrow(0, 0, k * width).view(k, width)
             c = coef if not isinstance(coef, torch.Tensor) else coef.narrow(0, first, k).view(k, 1)
@@ -722,11 +723,8 @@ class SlotOptimizer:
                 torch._foreach_mul_([wb for wb, _ in present], c if not isinstance(c, torch.Tensor) else
                                     [c] * len(present))
             calls: Dict[tuple, Tuple[list, ...]] = {}  # (lr, beta1, beta2, weight decay, eps) -> tensor lists
-            step_of: Dict[int, torch.Tensor] = {}
             for j in range(k):
                 *hyper, step = adamw[first + j]
-                if step not in step_of:
-                    step_of[step] = torch.tensor(float(step), device=self.device)
                 ps, grads, ms, vs, steps = calls.setdefault(tuple(hyper), ([], [], [], [], []))
                 ps.append(weights[lo + j])
                 grads.append(w[j])
