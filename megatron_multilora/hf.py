@@ -9,12 +9,14 @@ A Hugging Face model directory (``config.json`` + ``*.safetensors``, sharded or 
   TP=1 (fused QKV per query group, fc1 = [gate; up], experts, shared experts and their gate);
 * :func:`import_hf` builds the GPTModel in one process, copies the converted weights in (every base tensor
   must be written once, every Hugging Face tensor used), and writes it with ``checkpointing.save_base`` plus
-  ``model.yaml``, so it loads at any TP/PP/EP layout (``--load-base DIR``).
+  ``model.yaml``, so it loads at any TP/PP/EP layout (``--load-base DIR``), and the model's ``tokenizer.json``
+  beside them when it has one (``--tokenizer DIR``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -474,6 +476,16 @@ def load_into(gpt, tensors: Iterator[tuple[str, torch.Tensor]], source_keys: lis
         )
 
 
+def _copy_tokenizer(hf_dir, out_dir, log) -> None:
+    """The model's tokenizer.json goes next to the base, so a run needs only the base (``--tokenizer BASE``)."""
+    source = Path(hf_dir) / "tokenizer.json"
+    if source.is_file():
+        shutil.copyfile(source, Path(out_dir) / "tokenizer.json")
+        log(f"copied tokenizer.json: train with --load-base {out_dir} --tokenizer {out_dir}")
+    else:
+        log("note: the Hugging Face directory has no tokenizer.json: give --tokenizer when training")
+
+
 def import_hf(
     hf_dir: str | Path, out_dir: str | Path, *, params_dtype: str | None = None,
     log: Callable[[str], None] | None = None,
@@ -513,6 +525,7 @@ def import_hf(
         checkpointing.save_model_config(
             out_dir, mc, header=f"Imported from {Path(hf_dir).resolve()} ({hf_architecture(hf_config)})"
         )
+        _copy_tokenizer(hf_dir, out_dir, log)
     finally:
         if started:
             platform.destroy()

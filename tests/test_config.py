@@ -2,7 +2,10 @@
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -517,3 +520,36 @@ def test_an_imported_base_names_its_own_model(raw, tmp_path):
     assert run.model == wanted
     with pytest.raises(ConfigError, match="load_base"):
         load_run_config({**raw, "load_base": str(tmp_path / "nowhere")})
+
+
+def test_mixtral_launch_script_makes_a_valid_run(tmp_path):
+    """examples/pretrain_mixtral_multilora.sh (a GPU job, never launched here) with torchrun replaced by a stub that
+    records its arguments: they parse and validate as its 8-process run (the imported base's tokenizer, the tenants
+    dir the script makes), and the template examples/tenant.yaml copied into that dir with its data joins it."""
+    from tokenizers import Tokenizer, models
+
+    stub_dir, record = tmp_path / "bin", tmp_path / "argv.json"
+    stub_dir.mkdir()
+    (stub_dir / "torchrun").write_text(
+        f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    (stub_dir / "torchrun").chmod(0o755)
+    base, save = tmp_path / "base", tmp_path / "save"
+    base.mkdir()
+    Tokenizer(models.WordLevel({"</s>": 0, "w": 1}, unk_token="w")).save(str(base / "tokenizer.json"))
+    env = {**os.environ, "PATH": f"{stub_dir}{os.pathsep}{os.environ['PATH']}", "BASE": str(base), "SAVE": str(save)}
+    subprocess.run(["bash", str(REPO / "examples" / "pretrain_mixtral_multilora.sh")], env=env, check=True, timeout=60)
+    argv = json.loads(record.read_text())
+    assert argv[argv.index("-m") + 1] == "megatron_multilora.train"
+    args, world = argv[argv.index("-m") + 2:], int(argv[argv.index("--nproc-per-node") + 1])
+
+    run = parse_run_config(args, world_size=world)
+    assert (run.tensor_model_parallel_size, run.sequence_parallel, run.expert_model_parallel_size) == (2, True, 4)
+    assert (run.model.num_experts, run.tokenizer, run.tenants) == (8, str(base), [])
+    incoming = Path(run.tenants_dir)
+    assert incoming == save / "incoming" and incoming.is_dir()
+
+    shutil.copy(REPO / "examples" / "tenant.yaml", incoming / "customer-a.yaml")
+    for split in ("train", "valid"):
+        write_data(incoming / "data" / "customer-a" / f"{split}.jsonl")
+    run = parse_run_config(args, world_size=world)
+    assert [(t.name, t.rank, t.train_iters) for t in run.tenants] == [("customer-a", 16, 2000)]

@@ -153,6 +153,10 @@ def results(tmp_path_factory):
             reference[name] = model(TOKENS).logits
         hf_models[name] = model
     assert (Path(hf_dirs["llama"]) / "model.safetensors.index.json").exists()
+    from tokenizers import Tokenizer, models  # the llama directory has a tokenizer, as a hub model does
+
+    Tokenizer(models.WordLevel({"</s>": 0, **{f"w{i}": i for i in range(1, 40)}}, unk_token="w1")).save(
+        str(Path(hf_dirs["llama"]) / "tokenizer.json"))
 
     cli = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "import-hf",
@@ -190,6 +194,25 @@ def test_megatron_lm_save_dir_loads(results, name):
     assert rel(results["tp1"]["megatron_lm_" + name], ref) <= 1e-5
     for rank_logits in results["parallel"]:
         assert rel(rank_logits["megatron_lm_" + name], ref) <= 1e-5
+
+
+def test_tokenizer_travels_with_the_base(results, tmp_path):
+    """import-hf copies the model's tokenizer.json next to the base, and `--load-base B --tokenizer B` is a valid
+    run (the launch scripts pass exactly that); a model without one gets none."""
+    from megatron_multilora.arguments import parse_run_config
+    from megatron_multilora.checkpointing import load_base_model_config
+
+    base, hf_dir = Path(results["base_dirs"]["llama"]), Path(results["hf_dirs"]["llama"])
+    assert (base / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert not (Path(results["base_dirs"]["qwen2"]) / "tokenizer.json").exists()
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "w1 w2 w3"}\n')
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    (tenants / "a.yaml").write_text(f"rank: 4\nlr: 1.0e-3\ntrain_data: {data}\n")
+    run = parse_run_config(["--load-base", str(base), "--tokenizer", str(base), "--tenants-dir", str(tenants),
+                            "--max-slots", "2", "--max-rank", "4", "--train-iters", "5"], world_size=1)
+    assert run.model.hidden_size == load_base_model_config(base).hidden_size and run.tokenizer == str(base)
 
 
 def test_model_yaml_written(results):

@@ -4,6 +4,7 @@ Subcommands:
 
     import-hf     a Hugging Face model directory (config.json + *.safetensors) -> a base checkpoint for
                   ``--load-base`` (megatron dist_checkpointing, loadable at any TP/PP/EP layout) + model.yaml
+                  (+ the model's tokenizer.json, for ``--tokenizer``)
 
     export-peft   a tenant checkpoint (<save>/tenants/<name>[/iter_XXXXXXX]) -> a PEFT LoRA adapter directory
                   (adapter_config.json + adapter_model.safetensors) for transformers + peft, vLLM, SGLang
@@ -49,8 +50,8 @@ def add_import_hf(subparsers) -> None:
         description=(
             "Convert a Hugging Face model directory (config.json and *.safetensors, sharded or not) to a "
             "megatron-multilora base checkpoint: megatron-core dist_checkpointing (loadable at any TP/PP/EP "
-            "layout) plus DIR/model.yaml, the model config a run uses when it has no model section. Runs in "
-            "one process on the CPU. " + SUPPORTED_SUMMARY[0].upper() + SUPPORTED_SUMMARY[1:]
+            "layout) plus DIR/model.yaml, the model config a run uses when it has no model section, and "
+            "the model's tokenizer.json when it has one (--tokenizer DIR). Runs in one process on the CPU. " + SUPPORTED_SUMMARY[0].upper() + SUPPORTED_SUMMARY[1:]
         ),
     )
     p.add_argument("--hf-dir", required=True, type=Path, help="Hugging Face model directory")
