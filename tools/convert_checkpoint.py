@@ -51,7 +51,8 @@ def add_import_hf(subparsers) -> None:
             "Convert a Hugging Face model directory (config.json and *.safetensors, sharded or not) to a "
             "megatron-multilora base checkpoint: megatron-core dist_checkpointing (loadable at any TP/PP/EP "
             "layout) plus DIR/model.yaml, the model config a run uses when it has no model section, and "
-            "the model's tokenizer.json when it has one (--tokenizer DIR). Runs in one process on the CPU. " + SUPPORTED_SUMMARY[0].upper() + SUPPORTED_SUMMARY[1:]
+            "the model's tokenizer.json when it has one (--tokenizer DIR). Runs in one process on the CPU. "
+            + SUPPORTED_SUMMARY[0].upper() + SUPPORTED_SUMMARY[1:]
         ),
     )
     p.add_argument("--hf-dir", required=True, type=Path, help="Hugging Face model directory")
