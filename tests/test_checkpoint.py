@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests import tenant_runs as tr
 from tests.distributed import run_world
@@ -262,3 +263,47 @@ def test_tenant_names_cannot_escape_the_save_directory(tmp_path):
     bad.name = "../escape"
     with pytest.raises(ConfigError, match="escape"):
         validate_tenant(run, bad)
+
+
+def _add_edited_tenant(cfg: dict, directory: str, tenant: dict, edits: list[dict]):
+    """Add `tenant` (which has a checkpoint under `directory`) with each edit to its config: the error, or None
+    and the step it resumed at; the slots and the other tenant's weights must be as before every attempt."""
+    from megatron_multilora import tenant_checkpoint as ckpt
+    from megatron_multilora.config import load_run_config, tenant_from_dict, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    trainer = MultiLoRATrainer(validate(load_run_config(cfg), 1))
+    trainer.run.load = directory  # where add_tenant finds a's checkpoint (no run checkpoint there)
+    before = [p.detach().clone() for p in trainer.params]
+    results = []
+    for edit in edits:
+        free = list(trainer.table.free_slots)
+        try:
+            trainer.add_tenant(tenant_from_dict({**tenant, **edit}, "test"))
+            results.append(("resumed", trainer.tenants[tenant["name"]].steps))
+            trainer.release_tenant(tenant["name"], finished=False)
+        except ckpt.CheckpointError as e:
+            results.append(("error", str(e)))
+        assert list(trainer.table.free_slots) == free and "a" not in trainer.tenants
+        assert all(bool((p == q).all()) for p, q in zip(trainer.params, before))
+    return results
+
+
+def test_a_tenant_whose_adapter_shape_changed_is_refused_on_resume(resume_setup, tmp_path):
+    """A tenant joining with a checkpoint but an edited rank / alpha / rsLoRA / targets would load weights of
+    another shape and scale: refused, naming each change, with the slot and other tenants untouched; editing
+    only the optimizer settings resumes."""
+    d, config, _ = resume_setup
+    shutil.copytree(d / "base_ckpt" / "tenants" / "a", tmp_path / "only_a" / "tenants" / "a")
+    a = next(t for t in yaml.safe_load(config.read_text())["tenants"] if t["name"] == "a")
+    cfg = tr.run_config([tr.tenant(tmp_path, "z", seed=2)])
+    results = run_world(_add_edited_tenant, 1, cfg, str(tmp_path / "only_a"), a, [
+        {"lr": 1.0e-2, "train_iters": 20},
+        {"rank": 8},
+        {"alpha": 16.0, "rslora": True},
+        {"target_modules": ["linear_qkv", "linear_fc1"]},
+    ])[0]
+    assert results[0] == ("resumed", 8)
+    assert results[1][0] == "error" and "rank 4 -> 8" in results[1][1] and "new name" in results[1][1]
+    assert "alpha 4.0 -> 16.0" in results[2][1] and "rslora False -> True" in results[2][1]
+    assert "targets" in results[3][1] and "-> ['linear_fc1', 'linear_qkv']" in results[3][1]
