@@ -277,9 +277,10 @@ class MultiLoRATrainer:
         for name in plan.tenants:
             tenant, s = self.tenants[name], slot_of[name]
             tenant.steps += int(report.stepped[s])
+            lr = float(report.lr[s]) if active[s] else self._lr_now(s)  # no loss token: no step
             per_tenant[name] = {
                 "lm loss": (loss_sum[s] / tokens[s]).item() if tokens[s] > 0 else float("nan"),
-                "learning-rate": float(report.lr[s]),
+                "learning-rate": lr,
                 "grad-norm": float(report.grad_norm[s]),
                 "tokens": int(tokens[s]),
                 "skipped": int(report.skipped[s]),
@@ -291,6 +292,10 @@ class MultiLoRATrainer:
             global_metrics={"iteration-time": elapsed, "throughput": total_tokens / max(elapsed, 1e-9),
                             "batch-size": sum(plan.samples_per_tenant.values())},
         )
+
+    def _lr_now(self, slot: int) -> float:
+        """The learning rate of the slot's next step (where its schedule stands)."""
+        return self.optimizer.slot_hparams(slot).schedule.lr_at(self.optimizer.slot_step_count(slot))
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, tenants: list[str] | None = None) -> dict[str, float]:

@@ -24,6 +24,7 @@ def data(tmp_path_factory):
         "rev": lambda w: {"prompt": f"{w}=", "completion": w[::-1]},
         "up": lambda w: {"prompt": f"{w}=", "completion": w.upper()},
         "txt": lambda w: {"text": f"the {w} sees the {w}."},
+        "mute": lambda w: {"input_ids": list(w.encode()), "loss_mask": [0] * len(w)},  # no loss token at all
     }
     for name, make in tasks.items():
         for split in ("train", "valid"):
@@ -38,6 +39,7 @@ def run_config(data, tenants=("rev", "up", "txt"), **overrides):
         "up": dict(rank=8, lr=0.02, lr_decay_style="linear", min_lr=0.001, global_batch_size=6,
                    target_modules=["linear_qkv", "linear_fc2", "expert_fc1"]),
         "txt": dict(rank=16, alpha=32, lr=0.005, lr_decay_style="constant", global_batch_size=2),
+        "mute": dict(rank=4, lr=0.01, lr_warmup_iters=0, global_batch_size=2),
     }
     cfg = {
         "model": "tiny-moe",
@@ -133,14 +135,15 @@ def _idle_and_nan_probe(trainer, iters):
     up, txt = table.slot_of("up"), table.slot_of("txt")
     with torch.no_grad():
         table.layers[0].lora_B[txt].fill_(float("inf"))
-    snapshot = [p[up].clone() for p in trainer.params]
-    state = opt.slot_state(up)
+    before = {k: ([p[k].clone() for p in trainer.params], opt.slot_state(k)) for k in (up, txt)}
     trainer.source.max_samples_per_iteration = 6  # rev (4) + txt (2) fit, up (6) must wait
     out = trainer.train_step()
     results["steps"].append(out["per_tenant"])
-    results["up_untouched"] = all(torch.equal(a, p[up]) for a, p in zip(snapshot, trainer.params))
-    after = opt.slot_state(up)
-    results["up_state_untouched"] = all(torch.equal(state[k], after[k]) for k in state)
+    for name, k in (("up", up), ("txt", txt)):  # idle / skipped: weights (inf included) and moments as before
+        weights, state = before[k]
+        after = opt.slot_state(k)
+        results[f"{name}_untouched"] = all(torch.equal(a, p[k]) for a, p in zip(weights, trainer.params))
+        results[f"{name}_state_untouched"] = all(torch.equal(state[key], after[key]) for key in state)
     results["txt_weights_finite_elsewhere"] = bool(torch.isfinite(table.layers[1].lora_A[txt]).all())
     return results
 
@@ -160,9 +163,35 @@ def test_idle_tenant_is_bitwise_untouched_and_nan_tenant_is_skipped(data):
     assert "up" not in second  # did not step
     assert out["up_untouched"] and out["up_state_untouched"]
     assert second["txt"]["skipped"] == 1 and not math.isfinite(second["txt"]["grad-norm"])
+    assert out["txt_untouched"] and out["txt_state_untouched"] and out["txt_weights_finite_elsewhere"]
     assert second["rev"]["skipped"] == 0
     assert second["rev"]["lm loss"] == pytest.approx(ref["steps"][1]["rev"]["lm loss"], rel=1e-6)
     assert second["rev"]["grad-norm"] == pytest.approx(ref["steps"][1]["rev"]["grad-norm"], rel=1e-5)
+
+
+def _zero_token_probe(trainer, iters):
+    """'mute' is planned every iteration but its samples have no loss token: its slot must not move."""
+    k, opt = trainer.table.slot_of("mute"), trainer.optimizer
+    weights, state = [p[k].clone() for p in trainer.params], opt.slot_state(k)
+    steps = [trainer.train_step()["per_tenant"] for _ in range(iters)]
+    after = opt.slot_state(k)
+    return {"steps": steps, "mute_steps": trainer.tenants["mute"].steps,
+            "untouched": all(torch.equal(a, p[k]) for a, p in zip(weights, trainer.params)),
+            "state_untouched": all(torch.equal(state[key], after[key]) for key in state)}
+
+
+def test_planned_tenant_without_loss_tokens_is_untouched(data):
+    """A tenant whose micro-batch rows all have loss_mask 0 (e.g. prompts filling seq_length, or an RL batch
+    with nothing to learn) is planned and run, but takes no step: weights, moments, step count and schedule
+    position as before, no loss to report; the tenant beside it trains exactly as alone."""
+    out = run_world(_train, 1, run_config(data, tenants=("rev", "mute")), 2, _zero_token_probe)[0]["probe"]
+    alone = run_world(_train, 1, run_config(data, tenants=("rev",)), 2)[0]["history"]
+    assert [sorted(it) for it in out["steps"]] == [["mute", "rev"]] * 2  # planned both times
+    for it in out["steps"]:
+        assert it["mute"]["tokens"] == 0 and math.isnan(it["mute"]["lm loss"]) and it["mute"]["skipped"] == 0
+        assert it["mute"]["learning-rate"] == 0.01  # step 0 of a constant-warmup cosine: the schedule stays put
+    assert out["mute_steps"] == 0 and out["untouched"] and out["state_untouched"]
+    assert _losses(out["steps"], "rev") == pytest.approx(_losses(alone, "rev"), rel=1e-5)
 
 
 def _expected_lr(step, lr, min_lr, warmup, decay, style):
