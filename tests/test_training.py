@@ -85,6 +85,10 @@ def test_a_tenants_losses_do_not_depend_on_other_tenants(data):
     assert len(a) == 3 and a[0] > 0
     assert a == pytest.approx(b, rel=1e-5)
     assert a[-1] < a[0]  # it trains
+    # its gradient is normalised by its own tokens only (a shared denominator would change the norm)
+    for key in ("grad-norm", "tokens"):
+        got, want = [it["rev"][key] for it in together], [it["rev"][key] for it in alone]
+        assert got == pytest.approx(want, rel=1e-5) and got[0] > 0, key
 
 
 LAYOUTS = [
