@@ -23,6 +23,8 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False,
     from megatron_multilora.lora.inject import lora_parameters
     from megatron_multilora.schedule import forward_backward
 
+    layout = dict(layout)
+    mbs = layout.pop("mbs", MBS)
     gpt, table = W.build("tiny-moe", layout, base_dir, TARGETS, recompute=recompute)
     if starve:
         _route_around(gpt, starve)
@@ -33,7 +35,7 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False,
     if only_slot is not None:  # the same tenant's samples, alone (the others' samples removed)
         keep = slots == only_slot
         tokens, labels, slots = tokens[keep], labels[keep], slots[keep]
-    batches = W.micro_batches(tokens, labels, slots, table, MBS)
+    batches = W.micro_batches(tokens, labels, slots, table, mbs)
     watcher = _DeltaWWatcher(table) if watch_delta_w else None
     with watcher or contextlib.nullcontext():
         forward_backward(
@@ -44,7 +46,8 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False,
         )
     grads.sync(sorted(set(slots.tolist()) - {-1}))  # the step's slots, as the trainer does
     return dict(grads=W.gathered_grads(table), violations=watcher.violations if watcher else [],
-                self_check=watcher.self_check() if watcher else None, slot_grouped=_slot_grouped(gpt))
+                self_check=watcher.self_check() if watcher else None, slot_grouped=_slot_grouped(gpt),
+                micro_batches=len(batches))
 
 
 def _slot_grouped(gpt):
@@ -152,7 +155,8 @@ LAYOUTS = [
     # the alltoall dispatcher (megatron's choice on GPU): all-to-all over EP, TP all-gather, sort by expert
     pytest.param(dict(ep=2, dispatcher="alltoall"), 2, False, id="alltoall-ep2"),
     pytest.param(dict(tp=2, ep=2, sp=True, dispatcher="alltoall"), 4, False, id="alltoall-tp2-ep2-sp"),
-    pytest.param(dict(ep=2, pp=2, dispatcher="alltoall"), 4, True, id="alltoall-ep2-pp2-recompute"),
+    # micro-batches of 2: DP 2 leaves each rank 4 samples, and 1F1B must run micro-batches in flight together
+    pytest.param(dict(ep=2, pp=2, dispatcher="alltoall", mbs=2), 4, True, id="alltoall-ep2-pp2-recompute"),
 ]
 
 
@@ -160,6 +164,8 @@ LAYOUTS = [
 def test_expert_grads_are_layout_invariant(reference, layout, world, recompute):
     base, ref = reference
     outs = run_world(_run, world, layout, base, None, recompute)
+    if layout.get("pp", 1) > 1:  # the pipeline schedule interleaves micro-batches (the dispatchers' state)
+        assert all(o["micro_batches"] >= 2 for o in outs)
     grads = W.merge([o["grads"] for o in outs])
     assert set(grads) == set(ref["grads"])
     for key, r in ref["grads"].items():
