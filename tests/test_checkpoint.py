@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests import tenant_runs as tr
@@ -165,6 +166,12 @@ def _close(x: dict, y: dict, tol=5e-6):
         assert abs(x[k] - y[k]) <= tol, (k, x[k], y[k])
 
 
+def _read_adapters(directories: list[str]):
+    from megatron_multilora.adapter_checkpoint import read_tenant_checkpoint
+
+    return [read_tenant_checkpoint(d)[1] for d in directories]
+
+
 def test_reshard_tp2_ep2_to_tp1_pp2_and_back_to_tp2_into_other_slots(tmp_path):
     base, s1, s2 = str(tmp_path / "base"), str(tmp_path / "s1"), str(tmp_path / "s2")
     tp2ep2 = dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, sequence_parallel=True)
@@ -177,6 +184,15 @@ def test_reshard_tp2_ep2_to_tp1_pp2_and_back_to_tp2_into_other_slots(tmp_path):
     assert w2["steps"] == w1["steps"] == {"a": 3, "b": 3}
     for got, want in zip(w2["train"], w1["train"]):
         _close(got, want)
+    # read outside a run, the adapter is whole whatever layout wrote it: TP2 x EP2 (s1) = TP1 x PP2 (s2, saved
+    # right after loading s1), every layer and expert of both pipeline stages and EP ranks, B at full width
+    by_tp2_ep2, by_pp2 = run_world(_read_adapters, 1, [f"{s1}/tenants/b", f"{s2}/tenants/b"])[0]
+    assert sorted(by_tp2_ep2) == sorted(by_pp2)
+    assert len([k for k in by_pp2 if ".local_experts." in k]) == 4 * 4 * 2  # layers x experts x (fc1, fc2)
+    assert {k.split(".")[2] for k in by_pp2 if k.endswith("linear_qkv")} == {"0", "1", "2", "3"}
+    for k, (a, b) in by_pp2.items():
+        assert a.shape[0] == b.shape[-1] == 8, k
+        assert torch.equal(a, by_tp2_ep2[k][0]) and torch.equal(b, by_tp2_ep2[k][1]), k
 
     # a fresh run at TP=2: tenant z takes slot 0, a and b resume from s2 into slots 1 and 2
     tp2 = dict(tensor_model_parallel_size=2, sequence_parallel=True)
