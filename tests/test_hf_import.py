@@ -1,5 +1,5 @@
-"""Hugging Face import: tiny random transformers models (Llama with GQA and a sharded safetensors save, Qwen2 with
-qkv bias and tied embeddings, Mixtral, Qwen2-MoE with a gated shared expert and pre-softmax routing, Qwen3-MoE
+"""Hugging Face import: tiny random transformers models (Llama with GQA and a sharded safetensors save, Mistral,
+Qwen2 with qkv bias and tied embeddings, Mixtral, Qwen2-MoE with a gated shared expert and pre-softmax routing, Qwen3-MoE
 with q/k norms and head_dim != hidden / heads) are saved with save_pretrained, imported (the Llama one through
 the command line), and our GPTModel loaded from the import gives transformers' logits at TP=1 and at TP=2
 (dense) / EP=2 (MoE). A Megatron-LM-style torch_dist save directory of the imported Llama loads too."""
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.distributed import run_world
-from tests.hf_models import randomize, rel
+from tests.hf_models import ARCHITECTURES, MOE, randomize, rel, tiny_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -22,25 +22,6 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention
               max_position_embeddings=64, rms_norm_eps=1e-5)
 
 
-def _hf_models():
-    from transformers import (LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig)
-
-    rope = lambda theta: dict(rope_parameters={"rope_type": "default", "rope_theta": theta})  # noqa: E731
-    return {
-        "llama": LlamaConfig(**COMMON, intermediate_size=96, tie_word_embeddings=False, **rope(5000.0)),
-        "qwen2": Qwen2Config(**COMMON, intermediate_size=96, tie_word_embeddings=True, **rope(20000.0)),
-        "mixtral": MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
-                                 **rope(1e6)),
-        "qwen2moe": Qwen2MoeConfig(**COMMON, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
-                                   moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                                   norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], **rope(1e4)),
-        "qwen3moe": Qwen3MoeConfig(**COMMON, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
-                                   moe_intermediate_size=32, norm_topk_prob=True, head_dim=32,
-                                   decoder_sparse_step=1, mlp_only_layers=[], **rope(1e4)),
-    }
-
-
-MOE = ("mixtral", "qwen2moe", "qwen3moe")
 
 
 
@@ -143,7 +124,7 @@ def results(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("hf_import")
     hf_dirs, base_dirs, reference, hf_models = {}, {}, {}, {}
-    for name, config in _hf_models().items():
+    for name, config in tiny_configs(128).items():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
         randomize(model)
         hf_dirs[name], base_dirs[name] = str(root / f"hf_{name}"), str(root / f"base_{name}")
@@ -171,14 +152,14 @@ def results(tmp_path_factory):
                 hf_models=hf_models)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral", "qwen2moe", "qwen3moe"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_logits_match_transformers_tp1(results, name):
     got, ref = results["tp1"][name], results["reference"][name]
     assert got.shape == ref.shape
     assert rel(got, ref) <= 1e-5, rel(got, ref)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral", "qwen2moe", "qwen3moe"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_logits_match_transformers_tp2_or_ep2(results, name):
     ref = results["reference"][name]
     for rank_logits in results["parallel"]:

@@ -1,5 +1,6 @@
-"""PEFT adapters: tiny random transformers models (Llama with GQA, Mixtral with packed experts, Qwen2-MoE with a
-gated shared expert) are imported as our base; two tenants of different ranks (one rslora, one targeting a
+"""PEFT adapters: tiny random transformers models of every supported architecture (tests/hf_models.py: Llama with
+GQA, Mistral, Qwen2 with qkv bias, Mixtral with packed experts, Qwen2-MoE with a gated shared expert, Qwen3-MoE
+with head_dim != hidden / heads) are imported as our base; two tenants of different ranks (one rslora, one targeting a
 subset) get random nonzero A and B on every target. Each tenant exported with export_peft and loaded with
 peft.PeftModel.from_pretrained gives our logits with its slot active (fp32, <= 1e-5 relative);
 import_peft(export_peft(x)) is x bit for bit; a PEFT adapter trained elsewhere (separate q/k/v with different
@@ -18,13 +19,11 @@ import pytest
 import torch
 
 from tests.distributed import run_world
-from tests.hf_models import randomize, rel
+from tests.hf_models import ARCHITECTURES, MOE, randomize, rel, tiny_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 320  # >= the byte tokenizer's 258, so the trainer can run the imported base
 TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64, rms_norm_eps=1e-5)
 MAX_SLOTS, MAX_RANK = 3, 16
 TENANTS = [  # name, rank, alpha, rslora, targets (None = the pool's)
     ("lo", 4, 8.0, False, None),
@@ -33,24 +32,6 @@ TENANTS = [  # name, rank, alpha, rslora, targets (None = the pool's)
 FOREIGN = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
                rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 4, "o_proj": 16})
 FOREIGN_RANK = 4 + 2 + 4  # q, k, v with different A's stack
-
-
-def _hf_configs():
-    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
-
-    rope = lambda theta: dict(rope_parameters={"rope_type": "default", "rope_theta": theta})  # noqa: E731
-    return {
-        "llama": LlamaConfig(**COMMON, intermediate_size=96, tie_word_embeddings=False, **rope(5000.0)),
-        "mixtral": MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
-                                 **rope(1e6)),
-        "qwen2moe": Qwen2MoeConfig(**COMMON, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
-                                   moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                                   norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], **rope(1e4)),
-    }
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -111,7 +92,7 @@ def _worker(hf_dirs, root, foreign_dir):
     out = {"logits": {}, "roundtrip": {}, "files": {}}
     for name in hf_dirs:
         arch = hf.hf_architecture(hf.read_hf_config(hf_dirs[name]))
-        moe = name != "llama"
+        moe = name in MOE
         mc, gpt, table = _build(root / f"base_{name}", ALL_TARGETS if moe else DENSE_TARGETS)
         for tenant, rank, alpha, rslora, targets in TENANTS:
             targets = None if targets is None else tuple(t for t in targets if t in table.target_modules)
@@ -230,7 +211,7 @@ def results(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("peft")
     hf_dirs, models = {}, {}
-    for name, config in _hf_configs().items():
+    for name, config in tiny_configs(VOCAB).items():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
         randomize(model)
         hf_dirs[name] = str(root / f"hf_{name}")
@@ -252,7 +233,7 @@ def _peft_logits(model, peft_dir):
         return pm(TOKENS).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2moe"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 @pytest.mark.parametrize("tenant", ["lo", "hi"])
 def test_exported_adapter_gives_our_logits_in_peft(results, name, tenant):
     ours = results["out"]["logits"][(name, tenant)]
@@ -288,7 +269,7 @@ def test_export_layout(results):
     assert pre + "mlp.shared_expert.gate_proj.lora_A.weight" in qwen
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2moe"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
 @pytest.mark.parametrize("tenant", ["lo", "hi"])
 def test_import_of_export_is_bit_exact(results, name, tenant):
     r = results["out"]["roundtrip"][(name, tenant)]
