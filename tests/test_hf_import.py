@@ -1,8 +1,9 @@
-"""Hugging Face import: tiny random transformers models (Llama with GQA and a sharded safetensors save, Mistral,
-Qwen2 with qkv bias and tied embeddings, Mixtral, Qwen2-MoE with a gated shared expert and pre-softmax routing, Qwen3-MoE
-with q/k norms and head_dim != hidden / heads) are saved with save_pretrained, imported (the Llama one through
-the command line), and our GPTModel loaded from the import gives transformers' logits at TP=1 and at TP=2
-(dense) / EP=2 (MoE). A Megatron-LM-style torch_dist save directory of the imported Llama loads too."""
+"""Hugging Face import: tiny random transformers models (tests/hf_models.py: Llama with GQA and a sharded
+safetensors save, Mistral, Qwen2 with qkv bias and tied embeddings, Mixtral, Qwen2-MoE with a gated shared expert
+and pre-softmax routing, Qwen3-MoE with q/k norms and head_dim != hidden / heads) are saved with save_pretrained,
+imported (the Llama one through the command line, with its tokenizer.json), and our GPTModel loaded from the
+import gives transformers' logits at TP=1 and at TP=2 (dense) / EP=2 (MoE). A Megatron-LM-style torch_dist save
+directory of the imported Llama loads too."""
 
 from __future__ import annotations
 
