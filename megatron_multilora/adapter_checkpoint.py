@@ -31,10 +31,11 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 @contextlib.contextmanager
 def _process_group():
+    from . import platform
+
+    platform.apply_cpu_patches()  # dist_checkpointing's CUDA assumptions (nothing with CUDA)
     started = not torch.distributed.is_initialized()
     if started:
-        from . import platform
-
         platform.init_distributed()
     try:
         yield

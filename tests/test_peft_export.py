@@ -11,6 +11,7 @@ resumes an imported tenant from its checkpoint."""
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -136,23 +137,28 @@ def _worker(hf_dirs, root, foreign_dir):
             out["checkpoint_roundtrip"] = _same(tensors, tensors3) and spec3 == spec
             out["foreign_tensors"] = tensors
     platform.destroy()
-
-    # the command line: PEFT -> tenant checkpoint -> PEFT, for the MoE tenant with expert LoRA
-    sys.path.insert(0, str(ROOT / "tools"))
-    import convert_checkpoint
-
-    src = out["files"][("qwen2moe", "lo")]
-    save = root / "cli_save"
-    assert convert_checkpoint.main(["import-peft", "--peft-dir", src, "--base", str(root / "base_qwen2moe"),
-                                    "--name", "moe", "--save", str(save), "--max-rank", str(MAX_RANK)]) == 0
-    assert convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(save / "tenants" / "moe"),
-                                    "--base", str(root / "base_qwen2moe"), "--out", str(root / "cli_peft")]) == 0
-    # too big a rank: exit code 2, nothing written
-    out["cli_too_big"] = convert_checkpoint.main([
-        "import-peft", "--peft-dir", foreign_dir, "--base", str(root / "base_llama"), "--name", "x",
-        "--save", str(root / "cli_save_2"), "--max-rank", "4"])
-    out["cli_save_2_exists"] = (root / "cli_save_2").exists()
     return out
+
+
+def _cli(*args):
+    """tools/convert_checkpoint.py in a fresh process, as a user runs it (no process group, no patches yet)."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _cli_round_trip(root, src, foreign_dir):
+    """PEFT -> tenant checkpoint -> PEFT on the command line, for the MoE tenant with expert LoRA; then too big
+    a rank (exit code 2, nothing written)."""
+    save, base = root / "cli_save", str(root / "base_qwen2moe")
+    imported = _cli("import-peft", "--peft-dir", src, "--base", base, "--name", "moe", "--save", str(save),
+                    "--max-rank", str(MAX_RANK))
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    exported = _cli("export-peft", "--tenant-checkpoint", str(save / "tenants" / "moe"), "--base", base,
+                    "--out", str(root / "cli_peft"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    too_big = _cli("import-peft", "--peft-dir", foreign_dir, "--base", str(root / "base_llama"), "--name", "x",
+                   "--save", str(root / "cli_save_2"), "--max-rank", "4")
+    return dict(cli_too_big=too_big.returncode, cli_save_2_exists=(root / "cli_save_2").exists())
 
 
 def _trainer_resumes(root, spec_fields, data):
@@ -220,6 +226,7 @@ def results(tmp_path_factory):
     foreign_dir = str(root / "peft_foreign")
     reference = {("llama", "foreign"): _foreign_adapter(models["llama"], foreign_dir)}
     out = run_world(_worker, 1, hf_dirs, str(root), foreign_dir)[0]
+    out.update(_cli_round_trip(root, out["files"][("qwen2moe", "lo")], foreign_dir))
     return dict(out=out, models=models, root=root, reference=reference, hf_dirs=hf_dirs, foreign_dir=foreign_dir)
 
 
