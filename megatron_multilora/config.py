@@ -910,9 +910,21 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
     elif run.tenants_dir_idle_wait and run.tenants_dir is None:
         problems.append("tenants_dir_idle_wait needs a tenants_dir (--tenants-dir) for tenants to join through")
 
-    # checkpointing
+    # checkpointing and outputs: problems a run would otherwise meet only at its first save, or after training
     if run.load_base is not None and not Path(run.load_base).is_dir():
         problems.append(f"load_base: directory not found: {run.load_base}")
+    elif run.load_base is not None:
+        from .checkpointing import resolve_base_dir
+
+        try:
+            resolve_base_dir(run.load_base)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"load_base: {e}")
+    problems += _checkpoint_dir_problems(run)
+    for what, path, is_dir in (("save", run.save, True), ("tensorboard_dir", run.tensorboard_dir, True),
+                               ("metrics_file", run.metrics_file, False)):
+        if path is not None:
+            problems += _unwritable(what, Path(path), is_dir)
     if run.save_interval is not None and run.save_interval < 1:
         problems.append(f"save_interval must be >= 1, got {run.save_interval}")
     if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:
@@ -969,6 +981,45 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
         problems += [x + _about(t) for x in _tenant_problems(run, t, where)]
     _raise(problems)
     return run
+
+
+def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
+    """--save may hold a run's checkpoints only when this run resumes them (--load the same directory): a fresh
+    run would write its own iterations over them and move their pointer back. --load names a checkpoint, unless it
+    is --save itself (resume if there is one: the usual `--save DIR --load DIR`)."""
+    from .tenant_checkpoint import TRACKER
+
+    save = Path(run.save) if run.save is not None else None
+    load = Path(run.load) if run.load is not None else None
+    same = save is not None and load is not None and save.resolve() == load.resolve()
+    problems = []
+    if save is not None and not same and (save / TRACKER).is_file():
+        problems.append(f"save: {save} already holds a run checkpoint ({save / TRACKER}: "
+                        f"{(save / TRACKER).read_text().strip()[:20]}): resume it with --load {save}, or give "
+                        "another --save directory")
+    if load is not None and not same:
+        if not load.is_dir():
+            problems.append(f"load: directory not found: {load}")
+        elif not (load / TRACKER).is_file() and not (load / "tenants").is_dir():
+            problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no tenants/ directory)")
+    return problems
+
+
+def _unwritable(what: str, path: Path, is_dir: bool) -> list[str]:
+    """A problem if `path` (a directory, or a file) cannot be created or written by this process."""
+    if path.exists():
+        if path.is_dir() != is_dir:
+            return [f"{what}: {path} exists and is {'not ' if is_dir else ''}a directory"]
+        target = path if is_dir else path.parent
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            return [f"{what}: cannot create {path}: {target} is not a directory"]
+    if not os.access(target, os.W_OK | os.X_OK):
+        return [f"{what}: cannot write to {target} (permission denied)"]
+    return []
 
 
 def _tokenizer_problems(run: RunConfig) -> list[str]:

@@ -195,11 +195,14 @@ def test_reshard_tp2_ep2_to_tp1_pp2_and_back_to_tp2_into_other_slots(tmp_path):
         assert a.shape[0] == b.shape[-1] == 8, k
         assert torch.equal(a, by_tp2_ep2[k][0]) and torch.equal(b, by_tp2_ep2[k][1]), k
 
-    # a fresh run at TP=2: tenant z takes slot 0, a and b resume from s2 into slots 1 and 2
+    # a fresh run at TP=2 (a new job: its own --save, holding the tenants' checkpoints copied from s2): tenant z
+    # takes slot 0, a and b resume into slots 1 and 2
+    s3 = str(tmp_path / "s3")
+    shutil.copytree(f"{s2}/tenants", f"{s3}/tenants")
     tp2 = dict(tensor_model_parallel_size=2, sequence_parallel=True)
-    cfg3 = _moe_config(tmp_path, tp2, load_base=base, save=s2)
+    cfg3 = _moe_config(tmp_path, tp2, load_base=base, save=s3)
     cfg3["tenants"] = [tr.tenant(tmp_path, "z", rank=2, seed=13)] + cfg3["tenants"]
-    w3 = _last_rank(run_world(_reshard_world, 2, cfg3, 2, "fresh", base, s2))
+    w3 = _last_rank(run_world(_reshard_world, 2, cfg3, 2, "fresh", base, s3))
     assert w3["slots"] == {"z": 0, "a": 1, "b": 2}
     _close({k: w3["valid"][k] for k in "ab"}, w1["valid"])
     for got, want in zip(w3["train"], w1["train"]):

@@ -208,6 +208,36 @@ def test_validation_errors_name_the_field(raw, path, value, message):
         check(with_changes(raw, path, value))
 
 
+def test_checkpoint_and_output_paths_are_checked_before_the_run(raw, tmp_path):
+    """What a run would otherwise meet only at its first save or after training: an unwritable --save,
+    --metrics-file or --tensorboard-dir; --save holding another run's checkpoints (a fresh run would write its
+    iterations over them); a --load or --load-base that holds no checkpoint. Nothing on disk is changed."""
+    old = tmp_path / "old_run"
+    (old / "run").mkdir(parents=True)
+    (old / "latest_checkpointed_iteration.txt").write_text("60\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    bad = {
+        "save": (str(old), r"save: .*old_run already holds a run checkpoint .*: 60\): resume it with --load"),
+        "load": (str(tmp_path / "typo"), r"load: directory not found: .*typo"),
+        "metrics_file": (str(a_file / "m.jsonl"), r"metrics_file: cannot create .*m\.jsonl: .*a_file is not a dir"),
+        "tensorboard_dir": (str(a_file), r"tensorboard_dir: .*a_file exists and is not a directory"),
+        "load_base": (str(tmp_path), r"load_base: no dist_checkpointing checkpoint at"),
+    }
+    for key, (value, message) in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            check({**raw, key: value})
+    with pytest.raises(ConfigError, match=r"load: .* holds no checkpoint"):
+        check({**raw, "load": str(tmp_path)})
+    assert sorted(p.name for p in old.iterdir()) == ["latest_checkpointed_iteration.txt", "run"]
+    # resuming it in place, the usual `--save DIR --load DIR` (also before the first checkpoint exists), or a
+    # directory of tenant checkpoints only (import-peft's output) are fine
+    check({**raw, "save": str(old), "load": str(old)})
+    check({**raw, "save": str(tmp_path / "new"), "load": str(tmp_path / "new")})
+    (tmp_path / "imported" / "tenants").mkdir(parents=True)
+    check({**raw, "save": str(tmp_path / "new"), "load": str(tmp_path / "imported")})
+
+
 def test_tenant_targets_must_be_in_the_pool(raw):
     raw = with_changes(raw, "lora.target_modules", ["linear_qkv", "linear_proj"])
     with pytest.raises(ConfigError, match=r"tenants\[0\]\.target_modules \['linear_fc1'\] are not in "
@@ -338,6 +368,7 @@ def test_tenants_without_valid_data_are_fine_with_eval(raw):
 def test_relative_paths_resolve_against_the_yaml_directory(tmp_path, monkeypatch):
     write_data(tmp_path / "demo_data" / "a" / "train.jsonl")
     (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "metadata.json").write_text("{}")  # what marks a dist_checkpointing directory
     (tmp_path / "configs" / "tenants").mkdir(parents=True)
     (tmp_path / "configs" / "tenants" / "d.yaml").write_text(
         "rank: 2\nlr: 1.0e-3\ntrain_data: ../../demo_data/a/train.jsonl\n")
@@ -470,6 +501,7 @@ def test_tenant_default_flags_fill_only_missing_fields(tmp_path, data):
 def test_command_line_paths_are_relative_to_the_working_directory(run_yaml, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "metadata.json").write_text("{}")
     run = parse_run_config(["--config", "run.yaml", "--load-base", "base", "--save", "out"], world_size=2)
     assert run.load_base == "base" and run.save == "out"
 
@@ -535,6 +567,7 @@ def test_mixtral_launch_script_makes_a_valid_run(tmp_path):
     (stub_dir / "torchrun").chmod(0o755)
     base, save = tmp_path / "base", tmp_path / "save"
     base.mkdir()
+    (base / "metadata.json").write_text("{}")  # what marks a dist_checkpointing directory
     Tokenizer(models.WordLevel({"</s>": 0, "w": 1}, unk_token="w")).save(str(base / "tokenizer.json"))
     env = {**os.environ, "PATH": f"{stub_dir}{os.pathsep}{os.environ['PATH']}", "BASE": str(base), "SAVE": str(save)}
     subprocess.run(["bash", str(REPO / "examples" / "pretrain_mixtral_multilora.sh")], env=env, check=True, timeout=60)
