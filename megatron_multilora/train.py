@@ -30,6 +30,8 @@ def main(argv=None) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     from . import platform
+    from .data.datasets import DataError
+    from .tenant_checkpoint import CheckpointError
     from .training import MultiLoRATrainer
 
     try:
@@ -41,13 +43,18 @@ def main(argv=None) -> int:
             )
         )
         trainer.close()
-    except BaseException:
+    except BaseException as e:
         # A failed rank leaves at once: tearing down process groups (or megatron's checkpoint writer) would
-        # wait for peers that are themselves waiting for this rank; torchrun then stops the others.
-        traceback.print_exc()
+        # wait for peers that are themselves waiting for this rank; torchrun then stops the others. Bad input
+        # (data, checkpoints, configuration) is named in one line, anything else with its traceback.
+        bad_input = isinstance(e, (ConfigError, DataError, CheckpointError))
+        if bad_input:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            traceback.print_exc()
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(1)
+        os._exit(2 if bad_input else 1)
     platform.destroy()
     return 0
 

@@ -100,11 +100,22 @@ class MultiLoRATrainer:
         from megatron.core import parallel_state as ps
 
         self.run = run
+        self.seq_length = run.seq_length  # resolved: the model's max_position_embeddings when unset
+        self.tokenizer = build_tokenizer(run.tokenizer)
+        if self.tokenizer.vocab_size > run.model.vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is {run.model.vocab_size}"
+            )
+        # The configured tenants' data is read first: a bad file fails before any process group or model exists.
+        self._preloaded: dict[tuple[str, bool], TenantDataset] = {}
+        for tc in run.tenants:
+            for path, pack in ((tc.train_data, run.pack_sequences), (tc.valid_data, False)):
+                if path is not None and (path, pack) not in self._preloaded:
+                    self._preloaded[(path, pack)] = TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
         platform.initialize_model_parallel(
             run.parallel_layout(), seed=run.seed, timeout_seconds=60 * run.distributed_timeout_minutes,
             backend=run.distributed_backend,
         )
-        self.seq_length = run.seq_length  # resolved: the model's max_position_embeddings when unset
         config = model_lib.transformer_config(
             run.model,
             tensor_model_parallel_size=run.tensor_model_parallel_size,
@@ -123,11 +134,6 @@ class MultiLoRATrainer:
         self.grads = grad_lib.GradBuffer(self.params)
         self.optimizer = SlotOptimizer(lora_parameters(self.model), run.lora.max_slots,
                                        grad_sq_norm_reduce=_reduce_sq_norms, grad_sq_norms=self.grads.sq_norms)
-        self.tokenizer = build_tokenizer(run.tokenizer)
-        if self.tokenizer.vocab_size > run.model.vocab_size:
-            raise ValueError(
-                f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is {run.model.vocab_size}"
-            )
         self.dp_group = ps.get_data_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.source = MultiAdapterDataSource(
@@ -183,8 +189,8 @@ class MultiLoRATrainer:
             rank=tc.rank, alpha=tc.alpha, dropout=tc.dropout, rslora=tc.rslora, init=tc.init,
             target_modules=None if tc.target_modules is None else tuple(tc.target_modules),
         )
-        train = TenantDataset(tc.train_data, self.tokenizer, self.seq_length, pack=self.run.pack_sequences)
-        valid = TenantDataset(tc.valid_data, self.tokenizer, self.seq_length) if tc.valid_data else None
+        train = self._dataset(tc.train_data, pack=self.run.pack_sequences)
+        valid = self._dataset(tc.valid_data) if tc.valid_data else None
         slot = self.table.acquire(tc.name, spec, slot)
         self.optimizer.reset_slot(slot)
         try:
@@ -292,6 +298,11 @@ class MultiLoRATrainer:
             global_metrics={"iteration-time": elapsed, "throughput": total_tokens / max(elapsed, 1e-9),
                             "batch-size": sum(plan.samples_per_tenant.values())},
         )
+
+    def _dataset(self, path: str, pack: bool = False) -> TenantDataset:
+        """A tenant data file as a dataset: the one read at start, once, else read now."""
+        found = self._preloaded.pop((path, pack), None)
+        return found if found is not None else TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
 
     def _lr_now(self, slot: int) -> float:
         """The learning rate of the slot's next step (where its schedule stands)."""
@@ -444,7 +455,7 @@ class MultiLoRATrainer:
         try:
             if common is not None:
                 self._load_tenant_tensors(name, slot, found, common, optimizer=False)
-            valid = TenantDataset(tc.valid_data, self.tokenizer, self.seq_length) if tc.valid_data else None
+            valid = self._dataset(tc.valid_data) if tc.valid_data else None
             yield TenantScope(self, name, slot, valid, self.run.eval_iters * tc.global_batch_size)
         finally:
             self.table.release(name)

@@ -142,6 +142,7 @@ def test_packing_keeps_masks_and_separates_documents(tmp_path):
     "line, message",
     [
         ("{not json", "invalid JSON"),
+        ('{"prompt": "x=", "completion": "X"', r"invalid JSON \(Expecting ',' delimiter at column 35\)"),
         ('["text"]', "expected a JSON object"),
         ('{"content": "x"}', "unknown sample format"),
         ('{"text": "x", "prompt": "y"}', "unknown sample format"),
@@ -160,6 +161,18 @@ def test_bad_lines_name_file_and_line(tmp_path, line, message):
     with pytest.raises(DataError, match=message) as err:
         TenantDataset(path, TOK, seq_length=8)
     assert f"{path}, line 3" in str(err.value)  # blank line 2 still counts
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_file_without_any_loss_token_is_refused(tmp_path, pack):
+    """Such a tenant could never take a step: all loss_mask 0, or every completion cut off by seq_length."""
+    masked = write_jsonl(tmp_path / "masked.jsonl", [{"input_ids": [1, 2, 3], "loss_mask": [0, 0, 0]}] * 3)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 12, "completion": "y"}] * 3)
+    for path in (masked, long):
+        with pytest.raises(DataError, match=f"{path}: no sample has a token with loss within seq_length 8"):
+            TenantDataset(path, TOK, seq_length=8, pack=pack and path == masked)
+    TenantDataset(write_jsonl(tmp_path / "one.jsonl", [{"input_ids": [1, 2, 3], "loss_mask": [0, 0, 1]}]), TOK,
+                  seq_length=8, pack=pack)
 
 
 def test_missing_and_empty_files(tmp_path):

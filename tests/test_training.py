@@ -4,6 +4,7 @@ learning-rate schedules, metrics files, and configuration errors that fail befor
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def data(tmp_path_factory):
         "rev": lambda w: {"prompt": f"{w}=", "completion": w[::-1]},
         "up": lambda w: {"prompt": f"{w}=", "completion": w.upper()},
         "txt": lambda w: {"text": f"the {w} sees the {w}."},
-        "mute": lambda w: {"input_ids": list(w.encode()), "loss_mask": [0] * len(w)},  # no loss token at all
+        "mute": lambda w: {"input_ids": list(w.encode()), "loss_mask": [0] * (len(w) - 1) + [1]},
     }
     for name, make in tasks.items():
         for split in ("train", "valid"):
@@ -191,7 +192,9 @@ def test_idle_tenant_is_bitwise_untouched_and_nan_tenant_is_skipped(data):
 
 
 def _zero_token_probe(trainer, iters):
-    """'mute' is planned every iteration but its samples have no loss token: its slot must not move."""
+    """'mute' is planned every iteration but its samples have no loss token (as an RL batch can be): its slot
+    must not move. (A file without any loss token is refused up front: tests/test_data.py.)"""
+    trainer.source._streams["mute"].dataset._mask[:] = 0
     k, opt = trainer.table.slot_of("mute"), trainer.optimizer
     weights, state = [p[k].clone() for p in trainer.params], opt.slot_state(k)
     steps = [trainer.train_step()["per_tenant"] for _ in range(iters)]
@@ -285,6 +288,28 @@ def test_bad_configuration_fails_fast_with_a_clear_message(data, tmp_path, chang
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "initialize" not in proc.stderr.lower() and "megatron.core" not in proc.stderr
+
+
+def test_bad_data_fails_in_one_line_before_any_process_group(data, tmp_path):
+    """A malformed line of a tenant's data is named (file, line, column) before any process group or model
+    exists: started as rank 0 of 2 with no rank 1 ever coming, the job would otherwise wait in the rendezvous."""
+    import yaml
+
+    from megatron_multilora.platform import free_port
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n' * 4 + '{"prompt": "x=", "completion": "X"\n')
+    cfg = run_config(data)
+    cfg["tenants"][1]["train_data"] = str(bad)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-m", "megatron_multilora.train", "--config", str(path)], env=env,
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {bad}, line 5: invalid JSON (Expecting ',' delimiter at column 35)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_missing_data_file_duplicate_names_and_tp_not_dividing_heads(data, tmp_path):

@@ -39,7 +39,9 @@ def load_jsonl(path, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
                 continue
             where = f"{path}, line {lineno}"
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip(b"\r\n"))
+            except json.JSONDecodeError as e:  # where in this line (the file's line number is ours)
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             except ValueError as e:
                 raise DataError(f"{where}: invalid JSON ({e})") from None
             try:
@@ -133,6 +135,9 @@ class TenantDataset:
             for row, (ids, mask) in enumerate(samples):
                 n = min(len(ids), width)
                 self._ids[row, :n], self._mask[row, :n] = ids[:n], mask[:n]
+        if not self._mask[:, 1:].any():  # a tenant that could never take a step
+            raise DataError(f"{path}: no sample has a token with loss within seq_length {seq_length} (every "
+                            "loss_mask is 0, or every prompt fills the sequence)")
 
     def __len__(self) -> int:
         return len(self._ids)
