@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -610,6 +610,8 @@ class MultiLoRATrainer:
         for tc in self.run.tenants:  # tenants added to the config since
             if tc.name not in known:
                 self.add_tenant(tc)
+            elif tc.name in self.tenants:  # resumed exactly, with its checkpoint's spec: say what is not applied
+                self._check_resumed_config(tc, self.tenants[tc.name].config)
         if state["layout"] == self._layout():
             loaded = ckpt.load_sharded(run_dir, {"rng_state": ckpt.rng_sharded_object()},
                                        strict="assume_ok_unexpected", verify=False)
@@ -621,6 +623,17 @@ class MultiLoRATrainer:
         self.metrics.note(f"resumed from {run_dir} at iteration {self.iteration} with tenants "
                           f"{sorted(self.tenants)}, queue {[q.name for q in self.queue]}")
         return True
+
+    def _check_resumed_config(self, tc: TenantConfig, saved: TenantConfig) -> None:
+        """A tenant resumed with the spec its checkpoint holds: a config naming another adapter shape is an
+        error (as when it joins); other edits are not applied, and the log says which."""
+        _check_same_adapter(tc, {"rank": saved.rank, "alpha": float(saved.alpha), "rslora": saved.rslora,
+                                 "targets": sorted(self.table.record(tc.name).targets)}, "(resuming the run)")
+        changes = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(tc, f.name)!r}"
+                   for f in fields(TenantConfig) if getattr(tc, f.name) != getattr(saved, f.name)]
+        if changes:
+            self.metrics.note(f"tenant {tc.name!r}: resumed with its checkpoint's settings; the config's changes "
+                              f"are not applied: {', '.join(changes)} (a new tenant name trains with new settings)")
 
     def close(self) -> None:
         self.metrics.close()

@@ -375,3 +375,39 @@ def test_bf16_masters_survive_slot_changes_and_resume(tmp_path):
     assert trained["masters"].keys() == resumed["masters"].keys() and trained["masters"]
     assert all(torch.equal(v, resumed["masters"][k]) for k, v in trained["masters"].items())
     assert resumed["next"] == trained["next"] and set(trained["next"]) == {"b", "c"}
+
+
+def _resume_notes(cfg: dict):
+    """Resume `cfg`'s run: the console notes it writes, or the checkpoint error that stops it."""
+    from megatron_multilora import metrics
+    from megatron_multilora import tenant_checkpoint as ckpt
+    from megatron_multilora.config import load_run_config, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    notes = []
+    metrics.MetricsWriter.note = lambda self, line: notes.append(line)  # (a process of its own)
+    try:
+        MultiLoRATrainer(validate(load_run_config(cfg), 1)).close()
+    except ckpt.CheckpointError as e:
+        return notes, str(e)
+    return notes, None
+
+
+def test_resume_names_config_edits_it_does_not_apply(resume_setup, tmp_path):
+    """--load resumes each tenant exactly, with the settings in its checkpoint: a config editing a tenant's
+    optimizer settings is told they are not applied; one editing its adapter shape is refused."""
+    d, config, _ = resume_setup
+    shutil.copytree(d / "base_ckpt", tmp_path / "ckpt")
+    cfg = {**yaml.safe_load(config.read_text()), "load": str(tmp_path / "ckpt"), "save": str(tmp_path / "ckpt")}
+    a = next(i for i, t in enumerate(cfg["tenants"]) if t["name"] == "a")
+
+    notes, error = run_world(_resume_notes, 1, cfg)[0]
+    assert error is None and not any("not applied" in n for n in notes), notes  # the same config: nothing to say
+    cfg["tenants"][a].update(lr=0.02, weight_decay=0.1)
+    notes, error = run_world(_resume_notes, 1, cfg)[0]
+    edits = [n for n in notes if "not applied" in n]
+    assert error is None and len(edits) == 1 and "tenant 'a'" in edits[0], notes
+    assert "lr 0.005 -> 0.02" in edits[0] and "weight_decay 0.0 -> 0.1" in edits[0]
+    cfg["tenants"][a]["rank"] = 8
+    _, error = run_world(_resume_notes, 1, cfg)[0]
+    assert error is not None and "tenant 'a'" in error and "rank 4 -> 8" in error
