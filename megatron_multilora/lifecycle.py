@@ -83,7 +83,7 @@ class TenantsDirWatcher:
         tenant, error = None, None
         try:
             tenant = load_tenant_file(path, self.run.tenant_defaults)
-            validate_tenant(self.run, tenant, str(path))
+            validate_tenant(self.run, tenant, f"{path}: tenant")
         except (ConfigError, OSError) as e:
             tenant, error = None, str(e)
         if cached is not None and cached[0] != stamp and cached[1] is not None:
@@ -92,7 +92,8 @@ class TenantsDirWatcher:
         return tenant, error, stamp
 
     def decide(self, *, active, queued, finished, free_slots: int, queue_allowed: bool) -> dict:
-        """{"stop": [names], "add": [tenant dicts], "notes": [lines]} for the current directory."""
+        """{"stop": [names], "add": [tenant dicts], "notes": [lines]} for the current directory. ``active`` and
+        ``queued`` map names to the tenants' config dicts: a file that differs from them is named, not applied."""
         notes: list[str] = []
 
         def note_once(key, line):
@@ -125,7 +126,13 @@ class TenantsDirWatcher:
                                               f"by {seen[name]}")
                 continue
             seen[name] = path
-            if name in active or name in queued or name in finished or name in stops or name in self.refused:
+            running = active.get(name, queued.get(name))
+            if running is not None and running != tenant.to_dict():
+                state = "running" if name in active else "queued"
+                note_once((str(path), stamp, "differs"), f"tenants_dir: {path}: tenant {name!r} is already {state} "
+                          f"with other settings; this file is not applied (stop it with {name}{STOP_SUFFIX}, or "
+                          "use a new name)")
+            if running is not None or name in finished or name in stops or name in self.refused:
                 continue
             if room <= 0 and not queue_allowed:
                 note_once((str(path), stamp, "full"), f"tenants_dir: tenant {name!r} waits: no free slot and "

@@ -413,7 +413,8 @@ class MultiLoRATrainer:
         decision = None
         if dist.get_rank() == 0:
             decision = self._watcher.decide(
-                active=set(self.tenants), queued={q.name for q in self.queue}, finished=set(self.finished),
+                active={n: t.config.to_dict() for n, t in self.tenants.items()},
+                queued={q.name: q.to_dict() for q in self.queue}, finished=set(self.finished),
                 free_slots=len(self.table.free_slots), queue_allowed=self.run.lora.queue,
             )
         decision = ckpt.broadcast_object(decision)

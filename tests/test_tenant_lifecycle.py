@@ -78,6 +78,8 @@ def _with_events(cfg, control: str, tenants: dict):
                 write("c", tenants["c"])
                 write("d", tenants["d"])
                 write("evil", {**tenants["b"], "name": "../escape"})
+                write("b-edited", {**tenants["b"], "lr": 0.5})  # b is running: named, not applied
+                write("huge", {**tenants["b"], "name": "huge", "rank": 64})
             decision = trainer.poll_tenants_dir()
             seen["after_join"] = ({n: t.slot for n, t in trainer.tenants.items()}, [q.name for q in trainer.queue])
             seen["notes"] = decision["notes"]
@@ -137,6 +139,10 @@ def test_tenants_join_wait_finish_stop_and_resume_without_disturbing_others(tmp_
     # a name that would escape the save directory is refused, the job goes on
     assert any("escape" in n and "refused" in n for n in s0["notes"]), s0["notes"]
     assert not (tmp_path / "escape").exists()
+    assert any("b-edited.yaml: tenant 'b' is already running with other settings; this file is not applied" in n
+               for n in s0["notes"]), s0["notes"]
+    assert any("huge.yaml refused: " in n and "huge.yaml: tenant.rank 64 exceeds lora.max_rank 8" in n
+               for n in s0["notes"]), s0["notes"]
 
     # c.stop after iteration 4: c saved and released; only its slot was reset, optimizer state cleared
     assert s0["after_stop"] == ["b", "d"]
