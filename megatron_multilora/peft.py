@@ -182,6 +182,11 @@ def _check_tensors(tensors: Mapping, spec: LoRASpec, layers: dict[str, LayerInfo
                 f"{name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not match rank {spec.rank} and this model "
                 f"config (A {want_a}, B {want_b})"
             )
+    kinds = {layers[name].kind for name in tensors}  # a tenant adapts every layer of the kinds it targets
+    missing = [name for name, info in layers.items() if info.kind in kinds and name not in tensors]
+    if missing:
+        raise PeftFormatError(f"the adapter has no weights for {len(missing)} {sorted(kinds)} layers of this model "
+                              f"config (first: {missing[0]}): is the model config the adapter's base?")
 
 
 def _number(x: float):
@@ -532,6 +537,12 @@ def import_peft(peft_dir: str | Path | tuple[dict, dict], model_config: ModelCon
         else:
             rows = [info.out_features // len(parts)] * len(parts)
         groups[name] = [(f"model.layers.{info.layer}.{p}", f, n) for p, f, n in zip(paths, found, rows)]
+    # With module names (no regex) and no layers_to_transform, PEFT adapted every layer: the bases must agree.
+    if config.get("layers_to_transform") is None and not isinstance(config.get("target_modules"), str):
+        adapted = sorted({layer for layer, _ in used})
+        if adapted != list(range(mc.num_layers)):
+            raise PeftFormatError(f"the adapter adapts layers {adapted} but this base has {mc.num_layers} layers "
+                                  "(adapter_config.json sets no layers_to_transform): is it the adapter's base?")
     leftover = sorted(modules[k].key for k in set(modules) - used)
     if leftover:
         raise PeftFormatError(

@@ -370,3 +370,22 @@ def test_export_into_a_non_empty_directory_is_refused_before_any_work(tmp_path, 
                                     "--out", str(out), "--model", "tiny-dense"]) == 2
     assert f"{out} exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_an_adapter_and_a_base_of_different_depth_are_refused(results):
+    """An adapter of a 2-layer model against a 4-layer base (or the reverse, exporting): without
+    layers_to_transform PEFT adapted every layer, so the missing ones mean another base -- not zeros."""
+    import dataclasses
+
+    from megatron_multilora import peft as P
+    from megatron_multilora.checkpointing import load_base_model_config
+
+    mc = load_base_model_config(results["root"] / "base_llama")
+    deeper = dataclasses.replace(mc, num_layers=4)
+    exported = results["out"]["files"][("llama", "lo")]
+    with pytest.raises(P.PeftFormatError, match=r"adapts layers \[0, 1\] but this base has 4 layers"):
+        P.import_peft(exported, deeper, MAX_RANK)
+    spec, tensors = P.import_peft(exported, mc, MAX_RANK)
+    with pytest.raises(P.PeftFormatError, match=r"no weights for \d+ .*layers of this model config \(first: "
+                                                r"decoder\.layers\.2\..*is the model config the adapter's base"):
+        P.export_peft(tensors, spec, deeper)
