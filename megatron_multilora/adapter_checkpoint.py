@@ -51,6 +51,10 @@ def resolve_tenant_checkpoint(directory: str | Path) -> Path:
     if (directory / ckpt.MANIFEST).is_file():
         return directory
     it = ckpt.read_tracker(directory)
+    if it is not None and (directory / "tenants").is_dir():  # a run's --save directory
+        names = sorted(p.name for p in (directory / "tenants").iterdir() if p.is_dir())
+        raise ckpt.CheckpointError(f"{directory} is a run's checkpoint directory: give one of its tenants, "
+                                   f"{directory / 'tenants'}/<name> ({', '.join(names) or 'none saved'})")
     if it is None:
         raise ckpt.CheckpointError(
             f"{directory} is not a tenant checkpoint: neither {ckpt.MANIFEST} (an iter_XXXXXXX directory) nor "

@@ -12,6 +12,8 @@ def require_empty_dir(directory: str | Path) -> Path:
     """An output directory must be new or empty: nothing already saved is overwritten. Check it before the
     heavy work."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty")
     return directory

@@ -370,6 +370,19 @@ def test_export_into_a_non_empty_directory_is_refused_before_any_work(tmp_path, 
                                     "--out", str(out), "--model", "tiny-dense"]) == 2
     assert f"{out} exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(tmp_path / "missing"),
+                                    "--out", str(a_file), "--model", "tiny-dense"]) == 2
+    assert f"{a_file} exists and is not a directory" in capsys.readouterr().err and a_file.read_text() == "mine"
+    # a run's --save directory instead of one of its tenants: the tenants are named
+    run_dir = tmp_path / "run"
+    (run_dir / "tenants" / "alice").mkdir(parents=True)
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("4\n")
+    assert convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(run_dir), "--out",
+                                    str(tmp_path / "new"), "--model", "tiny-dense"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} is a run's checkpoint directory: give one of its tenants" in err and "(alice)" in err
 
 
 def test_an_adapter_and_a_base_of_different_depth_are_refused(results):
