@@ -759,8 +759,8 @@ def _tenant_problems(run: RunConfig, tenant: TenantConfig, where: str) -> list[s
     decay = t.decay_iters(run.train_iters)
     # As megatron's OptimizerParamScheduler: warm-up must end before decay does (not checked for a constant
     # schedule whose decay_iters is only the default).
-    if (decay is not None and t.lr_warmup_iters >= 0 and t.lr_warmup_iters >= decay
-            and (t.lr_decay_style != "constant" or t.lr_decay_iters is not None)):
+    if (decay is not None and decay >= 1 and t.lr_warmup_iters >= 0 and t.lr_warmup_iters >= decay
+            and (t.lr_decay_style != "constant" or t.lr_decay_iters is not None)):  # (decay < 1: named already)
         owner = "its" if t.train_iters is not None else "the run's"
         source = "lr_decay_iters" if t.lr_decay_iters is not None else f"lr_decay_iters (= {owner} train_iters)"
         p.append(f"{where}.lr_warmup_iters {t.lr_warmup_iters} must be smaller than {source} {decay}")

@@ -50,11 +50,13 @@ def main(argv=None) -> int:
         bad_input = isinstance(e, (ConfigError, DataError, CheckpointError))
         if bad_input:
             print(f"error: {e}", file=sys.stderr)
+        elif isinstance(e, KeyboardInterrupt):  # saved checkpoints are complete or never promoted (atomic)
+            print("interrupted", file=sys.stderr)
         else:
             traceback.print_exc()
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(2 if bad_input else 1)
+        os._exit(2 if bad_input else 130 if isinstance(e, KeyboardInterrupt) else 1)
     platform.destroy()
     return 0
 

@@ -338,6 +338,9 @@ class MultiLoRATrainer:
         """Train until the run's train_iters (or until no tenant is left and none joins within
         tenants_dir_idle_wait); evaluate and save at the end."""
         run = self.run
+        if self.iteration >= run.train_iters:
+            self.metrics.note(f"the run is at iteration {self.iteration} already (train_iters {run.train_iters}): "
+                              "nothing to train; raise --train-iters to go on")
         while self.iteration < run.train_iters and self.train_iteration():
             pass
         if not run.eval_interval or self.iteration % run.eval_interval:

@@ -387,9 +387,11 @@ def _resume_notes(cfg: dict):
     notes = []
     metrics.MetricsWriter.note = lambda self, line: notes.append(line)  # (a process of its own)
     try:
-        MultiLoRATrainer(validate(load_run_config(cfg), 1)).close()
+        trainer = MultiLoRATrainer(validate(load_run_config(cfg), 1))
     except ckpt.CheckpointError as e:
         return notes, str(e)
+    trainer.train()  # the run is at its train_iters already
+    trainer.close()
     return notes, None
 
 
@@ -403,6 +405,7 @@ def test_resume_names_config_edits_it_does_not_apply(resume_setup, tmp_path):
 
     notes, error = run_world(_resume_notes, 1, cfg)[0]
     assert error is None and not any("not applied" in n for n in notes), notes  # the same config: nothing to say
+    assert any("at iteration 8 already (train_iters 8): nothing to train" in n for n in notes), notes
     cfg["tenants"][a].update(lr=0.02, weight_decay=0.1)
     notes, error = run_world(_resume_notes, 1, cfg)[0]
     edits = [n for n in notes if "not applied" in n]

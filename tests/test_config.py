@@ -184,7 +184,7 @@ def test_unsafe_and_bad_tenant_names_are_refused(raw):
     ("micro_batch_size", 0, r"^micro_batch_size must be >= 1, got 0$"),
     ("seq_length", 256, r"seq_length 256 exceeds model\.max_position_embeddings 128"),
     ("train_iters", ..., r"train_iters is required"),
-    ("train_iters", 0, r"train_iters must be >= 1"),
+    ("train_iters", 0, r"^train_iters must be >= 1, got 0$"),  # and nothing about schedules against it
     ("eval_iters", -1, r"eval_iters must be >= 0"),
     ("eval_interval", 0, r"eval_interval must be >= 1"),
     ("log_interval", 0, r"log_interval must be >= 1"),

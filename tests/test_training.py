@@ -312,6 +312,27 @@ def test_bad_data_fails_in_one_line_before_any_process_group(data, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_ctrl_c_ends_the_job_with_one_line(data, tmp_path):
+    import signal
+    import time
+
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config(data, train_iters=10_000, metrics_file=str(tmp_path / "m.jsonl"))))
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_multilora.train", "--config", str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / "m.jsonl").exists() or not (tmp_path / "m.jsonl").read_text():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # training, as a user's Ctrl-C
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-2000:]
+
+
 def test_missing_data_file_duplicate_names_and_tp_not_dividing_heads(data, tmp_path):
     import yaml
 
