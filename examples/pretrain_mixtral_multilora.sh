@@ -3,7 +3,7 @@
 # (no GPU there; tests/test_config.py checks that its flags make a valid run). Import the base (and its
 # tokenizer.json) first:
 #   python tools/convert_checkpoint.py import-hf --hf-dir /models/Mixtral-8x7B-v0.1 --save /ckpt/mixtral-base
-# Tenants join while the job runs: one YAML per tenant (template: examples/tenant.yaml) copied into $TENANTS_DIR.
+# Tenants join while the job runs: one YAML per tenant (template: examples/tenant.yaml) moved into $TENANTS_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${BASE:-/ckpt/mixtral-base}

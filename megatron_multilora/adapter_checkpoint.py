@@ -50,11 +50,12 @@ def resolve_tenant_checkpoint(directory: str | Path) -> Path:
     directory = Path(directory)
     if (directory / ckpt.MANIFEST).is_file():
         return directory
-    it = ckpt.read_tracker(directory)
-    if it is not None and (directory / "tenants").is_dir():  # a run's --save directory
-        names = sorted(p.name for p in (directory / "tenants").iterdir() if p.is_dir())
+    tenants = directory / ckpt.TENANTS_DIR
+    if tenants.is_dir():  # a run's --save directory
+        names = sorted(p.name for p in tenants.iterdir() if p.is_dir())
         raise ckpt.CheckpointError(f"{directory} is a run's checkpoint directory: give one of its tenants, "
-                                   f"{directory / 'tenants'}/<name> ({', '.join(names) or 'none saved'})")
+                                   f"{tenants}/<name> ({', '.join(names) or 'none saved'})")
+    it = ckpt.read_tracker(directory)
     if it is None:
         raise ckpt.CheckpointError(
             f"{directory} is not a tenant checkpoint: neither {ckpt.MANIFEST} (an iter_XXXXXXX directory) nor "

@@ -987,7 +987,7 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
     """--save may hold a run's checkpoints only when this run resumes them (--load the same directory): a fresh
     run would write its own iterations over them and move their pointer back. --load names a checkpoint, unless it
     is --save itself (resume if there is one: the usual `--save DIR --load DIR`)."""
-    from .tenant_checkpoint import TRACKER
+    from .tenant_checkpoint import TENANTS_DIR, TRACKER
 
     save = Path(run.save) if run.save is not None else None
     load = Path(run.load) if run.load is not None else None
@@ -1000,8 +1000,8 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
     if load is not None and not same:
         if not load.is_dir():
             problems.append(f"load: directory not found: {load}")
-        elif not (load / TRACKER).is_file() and not (load / "tenants").is_dir():
-            problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no tenants/ directory)")
+        elif not (load / TRACKER).is_file() and not (load / TENANTS_DIR).is_dir():
+            problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no {TENANTS_DIR}/ directory)")
     return problems
 
 
@@ -1010,14 +1010,14 @@ def _unwritable(what: str, path: Path, is_dir: bool) -> list[str]:
     if path.exists():
         if path.is_dir() != is_dir:
             return [f"{what}: {path} exists and is {'not ' if is_dir else ''}a directory"]
-        target = path if is_dir else path.parent
+        target = path  # (a file is appended to: it must be writable itself)
     else:
         target = path.parent
         while not target.exists() and target != target.parent:
             target = target.parent
         if not target.is_dir():
             return [f"{what}: cannot create {path}: {target} is not a directory"]
-    if not os.access(target, os.W_OK | os.X_OK):
+    if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
         return [f"{what}: cannot write to {target} (permission denied)"]
     return []
 

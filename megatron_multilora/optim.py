@@ -416,6 +416,11 @@ class SlotOptimizer:
         self._check_slot(k)
         return self._steps[k]
 
+    def slot_lr(self, k: int) -> float:
+        """The learning rate of slot ``k``'s next update (where its schedule stands)."""
+        self._check_slot(k)
+        return self._hparams[k].schedule.lr_at(self._steps[k])
+
     @torch.no_grad()
     def reset_slot(self, k: int, *, keep_hparams: bool = False) -> None:
         """Forget slot ``k``: zero its moments and step count, drop its hyper-parameters (unless
@@ -601,7 +606,7 @@ class SlotOptimizer:
 
         # ---- per-slot scalars of the stepping slots (Python floats over slots, never over elements).
         idx = stepped.nonzero().flatten().tolist()
-        lrs = {k: self._hparams[k].schedule.lr_at(self._steps[k]) for k in active_idx}
+        lrs = {k: self.slot_lr(k) for k in active_idx}
         lr_rep[active_idx] = torch.tensor(list(lrs.values()), dtype=torch.float64)
         if not idx:
             return StepReport(grad_norm, lr_rep, clip_rep, skipped, stepped)

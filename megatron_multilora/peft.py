@@ -189,6 +189,15 @@ def _check_tensors(tensors: Mapping, spec: LoRASpec, layers: dict[str, LayerInfo
                               f"config (first: {missing[0]}): is the model config the adapter's base?")
 
 
+def _adapts_every_layer(config: Mapping) -> bool:
+    """PEFT adapted every layer of its base: targets are module names (no regex, no path into one layer), and
+    nothing limits or excludes layers."""
+    names = config.get("target_modules") or []
+    if isinstance(names, str) or config.get("layers_to_transform") is not None or config.get("exclude_modules"):
+        return False
+    return not any(re.search(r"(^|\.)layers\.\d+\.", n) for n in [*names, *(config.get("target_parameters") or [])])
+
+
 def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
@@ -537,8 +546,7 @@ def import_peft(peft_dir: str | Path | tuple[dict, dict], model_config: ModelCon
         else:
             rows = [info.out_features // len(parts)] * len(parts)
         groups[name] = [(f"model.layers.{info.layer}.{p}", f, n) for p, f, n in zip(paths, found, rows)]
-    # With module names (no regex) and no layers_to_transform, PEFT adapted every layer: the bases must agree.
-    if config.get("layers_to_transform") is None and not isinstance(config.get("target_modules"), str):
+    if _adapts_every_layer(config):  # then the adapter's base and this one must have the same layers
         adapted = sorted({layer for layer, _ in used})
         if adapted != list(range(mc.num_layers)):
             raise PeftFormatError(f"the adapter adapts layers {adapted} but this base has {mc.num_layers} layers "

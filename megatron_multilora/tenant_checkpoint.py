@@ -44,6 +44,7 @@ import os
 import random
 import re
 import shutil
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,6 +281,7 @@ def on_rank0(fn, *args):
         except CheckpointError as e:
             outcome = (False, str(e))
         except Exception as e:  # noqa: BLE001 - the other ranks must not wait for an answer that never comes
+            traceback.print_exc()  # not a checkpoint's fault, maybe a bug: where it happened, on rank 0
             outcome = (False, f"{type(e).__name__}: {e}")
     ok, value = broadcast_object(outcome)
     if not ok:

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from .tenant_checkpoint import CheckpointError
     from .training import MultiLoRATrainer
 
+    trainer = None
     try:
         trainer = MultiLoRATrainer(run)
         trainer.train()
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
         if bad_input:
             print(f"error: {e}", file=sys.stderr)
         elif isinstance(e, KeyboardInterrupt):  # saved checkpoints are complete or never promoted (atomic)
+            if trainer is not None:
+                trainer.metrics.close()  # what TensorBoard still buffers
             print("interrupted", file=sys.stderr)
         else:
             traceback.print_exc()

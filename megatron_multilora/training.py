@@ -106,9 +106,12 @@ class MultiLoRATrainer:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is {run.model.vocab_size}"
             )
-        # The configured tenants' data is read first: a bad file fails before any process group or model exists.
+        # The config file's tenants' data is read first: a bad file fails before any process group or model
+        # exists. (Tenants of the control directory are read when they join; one that cannot is refused there.)
         self._preloaded: dict[tuple[str, bool], TenantDataset] = {}
         for tc in run.tenants:
+            if getattr(tc, "_source", None) is not None:
+                continue
             for path, pack in ((tc.train_data, run.pack_sequences), (tc.valid_data, False)):
                 if path is not None and (path, pack) not in self._preloaded:
                     self._preloaded[(path, pack)] = TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
@@ -160,6 +163,7 @@ class MultiLoRATrainer:
             for tenant in run.tenants:
                 if tenant.name not in stopped:  # <name>.stop in the control directory: not started
                     self.add_tenant(tenant)
+        self._preloaded.clear()  # (queued, stopped or finished tenants read theirs when they start)
 
     # ---- tenants ---------------------------------------------------------------------------------------
     def add_tenant(self, tc: TenantConfig, *, slot: int | None = None, resume: bool = True) -> int | None:
@@ -283,7 +287,7 @@ class MultiLoRATrainer:
         for name in plan.tenants:
             tenant, s = self.tenants[name], slot_of[name]
             tenant.steps += int(report.stepped[s])
-            lr = float(report.lr[s]) if active[s] else self._lr_now(s)  # no loss token: no step
+            lr = float(report.lr[s]) if active[s] else self.optimizer.slot_lr(s)  # no loss token: no step
             per_tenant[name] = {
                 "lm loss": (loss_sum[s] / tokens[s]).item() if tokens[s] > 0 else float("nan"),
                 "learning-rate": lr,
@@ -303,10 +307,6 @@ class MultiLoRATrainer:
         """A tenant data file as a dataset: the one read at start, once, else read now."""
         found = self._preloaded.pop((path, pack), None)
         return found if found is not None else TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
-
-    def _lr_now(self, slot: int) -> float:
-        """The learning rate of the slot's next step (where its schedule stands)."""
-        return self.optimizer.slot_hparams(slot).schedule.lr_at(self.optimizer.slot_step_count(slot))
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, tenants: list[str] | None = None) -> dict[str, float]:
@@ -615,7 +615,7 @@ class MultiLoRATrainer:
             if tc.name not in known:
                 self.add_tenant(tc)
             elif tc.name in self.tenants:  # resumed exactly, with its checkpoint's spec: say what is not applied
-                self._check_resumed_config(tc, self.tenants[tc.name].config)
+                self._note_unapplied(tc, self.tenants[tc.name].config)
         if state["layout"] == self._layout():
             loaded = ckpt.load_sharded(run_dir, {"rng_state": ckpt.rng_sharded_object()},
                                        strict="assume_ok_unexpected", verify=False)
@@ -628,11 +628,9 @@ class MultiLoRATrainer:
                           f"{sorted(self.tenants)}, queue {[q.name for q in self.queue]}")
         return True
 
-    def _check_resumed_config(self, tc: TenantConfig, saved: TenantConfig) -> None:
-        """A tenant resumed with the spec its checkpoint holds: a config naming another adapter shape is an
-        error (as when it joins); other edits are not applied, and the log says which."""
-        _check_same_adapter(tc, {"rank": saved.rank, "alpha": float(saved.alpha), "rslora": saved.rslora,
-                                 "targets": sorted(self.table.record(tc.name).targets)}, "(resuming the run)")
+    def _note_unapplied(self, tc: TenantConfig, saved: TenantConfig) -> None:
+        """A run resumes each tenant exactly, with the spec its checkpoint holds (as a running tenant keeps its
+        own when its control file changes): the log names the config's edits, which are not applied."""
         changes = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(tc, f.name)!r}"
                    for f in fields(TenantConfig) if getattr(tc, f.name) != getattr(saved, f.name)]
         if changes:

@@ -396,8 +396,8 @@ def _resume_notes(cfg: dict):
 
 
 def test_resume_names_config_edits_it_does_not_apply(resume_setup, tmp_path):
-    """--load resumes each tenant exactly, with the settings in its checkpoint: a config editing a tenant's
-    optimizer settings is told they are not applied; one editing its adapter shape is refused."""
+    """--load resumes each tenant exactly, with the settings (adapter shape included) in its checkpoint: a config
+    editing them is told which edits are not applied, and the run goes on."""
     d, config, _ = resume_setup
     shutil.copytree(d / "base_ckpt", tmp_path / "ckpt")
     cfg = {**yaml.safe_load(config.read_text()), "load": str(tmp_path / "ckpt"), "save": str(tmp_path / "ckpt")}
@@ -412,5 +412,5 @@ def test_resume_names_config_edits_it_does_not_apply(resume_setup, tmp_path):
     assert error is None and len(edits) == 1 and "tenant 'a'" in edits[0], notes
     assert "lr 0.005 -> 0.02" in edits[0] and "weight_decay 0.0 -> 0.1" in edits[0]
     cfg["tenants"][a]["rank"] = 8
-    _, error = run_world(_resume_notes, 1, cfg)[0]
-    assert error is not None and "tenant 'a'" in error and "rank 4 -> 8" in error
+    notes, error = run_world(_resume_notes, 1, cfg)[0]
+    assert error is None and any("tenant 'a'" in n and "rank 4 -> 8" in n for n in notes), notes

@@ -402,3 +402,11 @@ def test_an_adapter_and_a_base_of_different_depth_are_refused(results):
     with pytest.raises(P.PeftFormatError, match=r"no weights for \d+ .*layers of this model config \(first: "
                                                 r"decoder\.layers\.2\..*is the model config the adapter's base"):
         P.export_peft(tensors, spec, deeper)
+    # an adapter that says it adapts only some layers imports, the others without a delta
+    config, state = P.read_peft_dir(exported)
+    for limited in ({**config, "layers_to_transform": [0, 1]}, {**config, "exclude_modules": ["o_proj"]},
+                    {**config, "target_modules": r".*\.(q|k|v|o)_proj"},
+                    {**config, "target_modules": [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]}):
+        _, got = P.import_peft((limited, state), deeper, MAX_RANK)
+        assert all(not b.any() for name, (_, b) in got.items() if ".layers.2." in name or ".layers.3." in name)
+        assert any(b.any() for name, (_, b) in got.items() if ".layers.1." in name)
