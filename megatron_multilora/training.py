@@ -107,7 +107,7 @@ class MultiLoRATrainer:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is {run.model.vocab_size}"
             )
         # The config file's tenants' data is read first: a bad file fails before any process group or model
-        # exists. (Tenants of the control directory are read when they join; one that cannot is refused there.)
+        # exists. (The control directory's tenants are read when they start.)
         self._preloaded: dict[tuple[str, bool], TenantDataset] = {}
         for tc in run.tenants:
             if getattr(tc, "_source", None) is not None:
