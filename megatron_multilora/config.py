@@ -962,6 +962,11 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
     tenant_defaults_bad = [k for k in run.tenant_defaults if k not in TENANT_DEFAULT_FIELDS]
     if tenant_defaults_bad:
         problems.append(f"tenant_defaults: unknown key(s) {tenant_defaults_bad}")
+    elif run.tenant_defaults:  # their values, even when no tenant uses them yet (one may join later)
+        probe = TenantConfig(**{"name": "defaults", "rank": 1, "lr": math.inf, "train_data": "",
+                                **run.tenant_defaults})
+        problems += [q for q in _tenant_problems(run, probe, "tenant_defaults")
+                     if q.split(" ", 1)[0].removeprefix("tenant_defaults.") in run.tenant_defaults]
 
     # tenants
     if not run.tenants and run.tenants_dir is None:

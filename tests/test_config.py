@@ -238,6 +238,15 @@ def test_checkpoint_and_output_paths_are_checked_before_the_run(raw, tmp_path):
     check({**raw, "save": str(tmp_path / "new"), "load": str(tmp_path / "imported")})
 
 
+def test_tenant_defaults_values_are_checked_even_when_unused(raw):
+    """--lr -1 with every tenant setting its own lr would otherwise surface only when a tenant without one joins."""
+    with pytest.raises(ConfigError, match=r"^tenant_defaults\.lr must be >= 0, got -1\.0$"):
+        check({**raw, "tenant_defaults": {"lr": -1.0}})
+    with pytest.raises(ConfigError, match=r"^tenant_defaults\.rank 64 exceeds lora\.max_rank 16$"):
+        check({**raw, "tenant_defaults": {"rank": 64}})
+    check({**raw, "tenant_defaults": {"min_lr": 1e-4, "global_batch_size": 2}})  # (min_lr without lr: fine)
+
+
 def test_tenant_targets_must_be_in_the_pool(raw):
     raw = with_changes(raw, "lora.target_modules", ["linear_qkv", "linear_proj"])
     with pytest.raises(ConfigError, match=r"tenants\[0\]\.target_modules \['linear_fc1'\] are not in "
