@@ -93,7 +93,7 @@ class TenantsDirWatcher:
 
     def decide(self, *, active, queued, finished, free_slots: int, queue_allowed: bool) -> dict:
         """{"stop": [names], "add": [tenant dicts], "notes": [lines]} for the current directory. ``active`` and
-        ``queued`` map names to the tenants' config dicts: a file that differs from them is named, not applied."""
+        ``queued`` map names to the tenants' configs: a file that differs from them is named, not applied."""
         notes: list[str] = []
 
         def note_once(key, line):
@@ -127,7 +127,7 @@ class TenantsDirWatcher:
                 continue
             seen[name] = path
             running = active.get(name, queued.get(name))
-            if running is not None and running != tenant.to_dict():
+            if running is not None and running != tenant:
                 state = "running" if name in active else "queued"
                 note_once((str(path), stamp, "differs"), f"tenants_dir: {path}: tenant {name!r} is already {state} "
                           f"with other settings; this file is not applied (stop it with {name}{STOP_SUFFIX}, or "

@@ -48,18 +48,20 @@ def main(argv=None) -> int:
         # A failed rank leaves at once: tearing down process groups (or megatron's checkpoint writer) would
         # wait for peers that are themselves waiting for this rank; torchrun then stops the others. Bad input
         # (data, checkpoints, configuration) is named in one line, anything else with its traceback.
-        bad_input = isinstance(e, (ConfigError, DataError, CheckpointError))
-        if bad_input:
+        if isinstance(e, (ConfigError, DataError, CheckpointError)):
             print(f"error: {e}", file=sys.stderr)
+            code = 2
         elif isinstance(e, KeyboardInterrupt):  # saved checkpoints are complete or never promoted (atomic)
             if trainer is not None:
                 trainer.metrics.close()  # what TensorBoard still buffers
             print("interrupted", file=sys.stderr)
+            code = 130
         else:
             traceback.print_exc()
+            code = 1
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(2 if bad_input else 130 if isinstance(e, KeyboardInterrupt) else 1)
+        os._exit(code)
     platform.destroy()
     return 0
 

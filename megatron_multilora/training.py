@@ -113,8 +113,8 @@ class MultiLoRATrainer:
             if getattr(tc, "_source", None) is not None:
                 continue
             for path, pack in ((tc.train_data, run.pack_sequences), (tc.valid_data, False)):
-                if path is not None and (path, pack) not in self._preloaded:
-                    self._preloaded[(path, pack)] = TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
+                if path is not None:
+                    self._preloaded[(path, pack)] = self._dataset(path, pack)
         platform.initialize_model_parallel(
             run.parallel_layout(), seed=run.seed, timeout_seconds=60 * run.distributed_timeout_minutes,
             backend=run.distributed_backend,
@@ -416,8 +416,8 @@ class MultiLoRATrainer:
         decision = None
         if dist.get_rank() == 0:
             decision = self._watcher.decide(
-                active={n: t.config.to_dict() for n, t in self.tenants.items()},
-                queued={q.name: q.to_dict() for q in self.queue}, finished=set(self.finished),
+                active={n: t.config for n, t in self.tenants.items()}, queued={q.name: q for q in self.queue},
+                finished=set(self.finished),
                 free_slots=len(self.table.free_slots), queue_allowed=self.run.lora.queue,
             )
         decision = ckpt.broadcast_object(decision)
