@@ -23,8 +23,10 @@ def batch(n_samples: int, vocab: int = 320, seed: int = 3):
     return tokens, torch.roll(tokens, -1, 1), torch.tensor(slots)
 
 
-def build(preset: str, layout: dict, base_dir: str | None, targets, seed: int = 5, recompute: bool = False):
-    """Model chunk + slot table at `layout`; base weights from base_dir (saved there if it is empty)."""
+def build(preset: str, layout: dict, base_dir: str | None, targets, seed: int = 5, recompute: bool = False,
+          dropout: dict[str, float] | None = None):
+    """Model chunk + slot table at `layout`; base weights from base_dir (saved there if it is empty); `dropout`:
+    tenant name -> its LoRA dropout."""
     from pathlib import Path
 
     from megatron_multilora import checkpointing, platform
@@ -51,7 +53,8 @@ def build(preset: str, layout: dict, base_dir: str | None, targets, seed: int = 
     inject_lora(gpt, table)
     for name, rank, alpha, t in TENANTS:
         t = None if t is None else tuple(k for k in t if k in targets)
-        slot = table.acquire(name, LoRASpec(rank=rank, alpha=alpha, target_modules=t))
+        spec = LoRASpec(rank=rank, alpha=alpha, target_modules=t, dropout=(dropout or {}).get(name, 0.0))
+        slot = table.acquire(name, spec)
         for layer in table.layers:  # a nonzero B so that A gets a gradient too
             if layer.lora_kind in table.record(name).targets:
                 g = torch.Generator().manual_seed(stable_seed("b", name, layer.global_name))

@@ -14,14 +14,14 @@ N_SAMPLES, MBS = 8, 4  # micro-batches mix tenants ([a a b b], [c c base base])
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
-def _run(layout, base_dir, recompute=False):
+def _run(layout, base_dir, recompute=False, dropout=None):
     from megatron.core import parallel_state as ps
 
     from megatron_multilora.lora import grads as grad_lib
     from megatron_multilora.lora.inject import lora_parameters
     from megatron_multilora.schedule import forward_backward
 
-    gpt, table = W.build("tiny-dense", layout, base_dir, TARGETS, recompute=recompute)
+    gpt, table = W.build("tiny-dense", layout, base_dir, TARGETS, recompute=recompute, dropout=dropout)
     params = [p for _, p in lora_parameters(gpt)]
     grads = grad_lib.GradBuffer(params)
     grads.zero()
@@ -103,6 +103,30 @@ def test_per_slot_gradients_are_layout_invariant(reference, layout, world, recom
         assert err <= 1e-5, (key, err)
 
 
+DROPOUT = {"a": 0.3, "c": 0.1}  # LoRA dropout of tenants a and c (b: none)
+
+
+@pytest.fixture(scope="module")
+def dropout_reference(reference):
+    base, _, (_, plain_losses) = reference
+    grads, losses = _collect(run_world(_run, 1, {}, base, False, DROPOUT))
+    assert not torch.allclose(losses, plain_losses, rtol=1e-3), "dropout changed nothing"
+    return grads, losses
+
+
+def test_lora_dropout_masks_are_those_of_one_process_under_tensor_parallelism(reference, dropout_reference):
+    """TP ranks share one generator state (as in megatron, outside sequence parallelism, whose model-parallel
+    RNG gives each rank a stream of its own): a row-parallel LoRA input's mask is drawn over all its features
+    and each rank keeps its slice, so TP=2 trains with exactly the masks of one process. Drawn over the slice,
+    every rank's half of the features got the same mask."""
+    ref_grads, ref_losses = dropout_reference
+    grads, losses = _collect(run_world(_run, 2, dict(tp=2), reference[0], False, DROPOUT))
+    assert torch.allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    for key, ref in ref_grads.items():
+        err = ((grads[key] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        assert err <= 1e-5, (key, err)
+
+
 def _embedding_output_requires_grad(recompute, base_dir):
     from megatron_multilora import model as M
     from megatron_multilora.lora.routing import AdapterRouting
@@ -129,7 +153,7 @@ def test_embedding_output_requires_grad_only_where_backward_needs_it(reference):
     assert recompute == {"adapter": True, "base_only": True}
 
 
-def _both_layouts(preset, targets, base_dir):
+def _both_layouts(preset, targets, base_dir, dropout=None):
     """Per-token losses and per-slot gradients of one mixed micro-batch (3 tenants of two ranks, a base-only
     sample) fed token-major (model.forward_micro_batch, the layout without sequence parallelism) and in
     megatron's [s, b] layout (the chunk called directly, as under sequence parallelism), and the layout flags the
@@ -138,7 +162,7 @@ def _both_layouts(preset, targets, base_dir):
     from megatron_multilora.lora import ops
     from megatron_multilora.lora.routing import AdapterRouting
 
-    gpt, table = W.build(preset, {}, base_dir, targets)
+    gpt, table = W.build(preset, {}, base_dir, targets, dropout=dropout)
     tokens, labels, slots = W.batch(8)
     routing = AdapterRouting(slots, table)
     flags, lora_add = [], ops.lora_add
@@ -153,6 +177,7 @@ def _both_layouts(preset, targets, base_dir):
         for layer in table.layers:
             layer.lora_A.grad = layer.lora_B.grad = None
         flags.clear()
+        torch.manual_seed(11)  # the same dropout draws
         with routing.active():
             if layout == "token_major":
                 loss = M.forward_micro_batch(gpt, tokens, labels)
@@ -163,11 +188,12 @@ def _both_layouts(preset, targets, base_dir):
     return out
 
 
-@pytest.mark.parametrize("preset,targets", [
-    ("tiny-dense", TARGETS), ("tiny-moe", ("linear_qkv", "linear_proj", "expert_fc1", "expert_fc2"))])
-def test_token_major_and_sequence_major_layouts_agree(reference, preset, targets):
+@pytest.mark.parametrize("preset,targets,dropout", [
+    ("tiny-dense", TARGETS, None), ("tiny-moe", ("linear_qkv", "linear_proj", "expert_fc1", "expert_fc2"), None),
+    ("tiny-dense", TARGETS, DROPOUT)])  # dense LoRA dropout masks are drawn sample by sample in both layouts
+def test_token_major_and_sequence_major_layouts_agree(reference, preset, targets, dropout):
     base, *_ = reference
-    out = run_world(_both_layouts, 1, preset, targets, base if preset == "tiny-dense" else None)[0]
+    out = run_world(_both_layouts, 1, preset, targets, base if preset == "tiny-dense" else None, dropout)[0]
     (loss_t, grads_t, flags_t), (loss_s, grads_s, flags_s) = out["token_major"], out["sb"]
     assert flags_t == [True] and flags_s == [False]  # each layout took its own path
     assert loss_t.shape == loss_s.shape == (8, W.SEQ)

@@ -143,8 +143,17 @@ class SlotLoRALinear:
         segments = routing.segments(self.lora_kind, per_sample)
         if segments:
             output = ops.lora_add(output, input_, self.lora_A, self.lora_B, segments, self._middle, self.training,
-                                  token_major=per_sample > 1)
+                                  token_major=per_sample > 1, dropout_shard=self._input_shard())
         return output, bias
+
+    def _input_shard(self) -> tuple[int, int, int] | None:
+        """(dim of [L, N, in], rank, size) when this rank's LoRA input is a feature slice of the whole one drawn
+        from the generator state all TP ranks share: a row-parallel input without sequence parallelism. (Under
+        sequence parallelism megatron runs the layers in its model-parallel RNG, a stream per TP rank, so
+        each rank's own draw is already independent of the others'.)"""
+        if self.lora_tp_size == 1 or self.lora_column or self.lora_sequence_parallel:
+            return None
+        return 2, self.lora_tp_rank, self.lora_tp_size
 
     def _middle(self, h: torch.Tensor) -> torch.Tensor:
         """The tensor-parallel communication of the packed rank-sized h (see the module docstring)."""

@@ -264,27 +264,42 @@ class _ExpandAdd(torch.autograd.Function):
         return grad_out, grad_h, None, None, None
 
 
-def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool) -> torch.Tensor:
-    """Each slot's own LoRA dropout on its rows of x (the base path never sees it)."""
+def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool, shard=None) -> torch.Tensor:
+    """Each slot's own LoRA dropout on its rows of x [L, N, d] (the base path never sees it). Masks are drawn
+    sample by sample ([N, L, d] order), so the sequence-major and token-major layouts get the same ones.
+    `shard` (dim, rank, size): x is this rank's slice along `dim` of an activation split over a tensor-parallel
+    group whose ranks share one generator state (as megatron's do outside its model-parallel RNG); every rank
+    then draws each mask over the whole activation and keeps its own slice, so the masks are those of one
+    process -- a mask drawn over the slice alone would repeat on every rank's slice."""
     if not training or all(s.dropout == 0.0 for s in segments):
         return x
     out = x.clone()
     for s in segments:
         if s.dropout > 0.0:
-            out[:, s.start:s.end] = torch.nn.functional.dropout(x[:, s.start:s.end], s.dropout, training=True)
+            rows = x[:, s.start:s.end]
+            seq, n, d = rows.shape
+            whole = [seq, n, d]
+            if shard is not None:
+                whole[shard[0]] *= shard[2]
+            keep = torch.empty(whole[1], whole[0], whole[2], dtype=x.dtype, device=x.device)
+            keep = keep.bernoulli_(1.0 - s.dropout).transpose(0, 1)
+            if shard is not None:
+                keep = keep.narrow(shard[0], shard[1] * rows.shape[shard[0]], rows.shape[shard[0]])
+            out[:, s.start:s.end] = rows * keep.div_(1.0 - s.dropout)
     return out
 
 
-def lora_add(out, x, weight_a, weight_b, segments, middle=lambda h: h, training=False, token_major=False):
+def lora_add(out, x, weight_a, weight_b, segments, middle=lambda h: h, training=False, token_major=False,
+             dropout_shard=None):
     """out [L, N, out] + the whole LoRA delta of x [L, N, in], added into out in place (weight_a [slots,
     max_rank, in], weight_b [slots, out, max_rank]); rows no segment covers keep out's values. `middle` is the
     tensor-parallel communication of the packed h [L, sum n_k r_k] (identity on one rank). `token_major`: x and
     out are [T, 1, d] with the segments along T (model.token_major), taken as [1, T, d]: every run's rows are
-    then a view."""
+    then a view. `dropout_shard`: how x is a slice of a TP-split activation (segment_dropout; dims of [L, N, in])."""
     runs = _runs(segments)
     if token_major:
         x = x.transpose(0, 1)
-    h = _Shrink.apply(segment_dropout(x, segments, training), weight_a, runs)
+    h = _Shrink.apply(segment_dropout(x, segments, training, dropout_shard), weight_a, runs)
     if out._base is not None:  # autograd forbids writing into a view (megatron's reductions return their input)
         out = out.clone()
     return _ExpandAdd.apply(out, middle(h), weight_b, runs, token_major)
