@@ -160,7 +160,12 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
             raise ValueError(f"unknown format {manifest.get('format')!r}")
-    except (ValueError, AttributeError) as e:
+        bad = [rel for rel, info in manifest["files"].items()
+               if not isinstance(info, dict) or not isinstance(info.get("size"), int)
+               or not isinstance(info.get("sha256"), str)]
+        if bad:
+            raise ValueError(f"entries without a size and sha256: {bad[:3]}")
+    except (ValueError, AttributeError) as e:  # (UnicodeDecodeError is a ValueError)
         raise CheckpointError(f"checkpoint manifest {path} is corrupt ({e})") from None
     return manifest
 
@@ -204,8 +209,8 @@ def read_tracker(root: Path) -> int | None:
     path = Path(root) / TRACKER
     if not path.is_file():
         return None
-    text = path.read_text().strip()
-    if not text.isdigit():
+    text = path.read_bytes().decode("utf-8", errors="replace").strip()
+    if not re.fullmatch(r"[0-9]+", text):
         raise CheckpointError(f"{path} does not hold an iteration number: {text[:40]!r}")
     return int(text)
 
@@ -330,6 +335,18 @@ def save_sharded(root: Path, iteration: int, sharded: dict, meta: dict, *, extra
     return final
 
 
+def check_same_run(directory: Path, run_id: str) -> None:
+    """Refuse to go on writing where run checkpoint ``directory`` (the one a pointer names) is another run's:
+    this run would overwrite its iterations and move its pointer. Rank 0."""
+    if not (Path(directory) / MANIFEST).is_file():
+        return
+    theirs = read_manifest(directory).get("meta", {}).get("run_id")
+    if theirs is not None and theirs != run_id:
+        raise CheckpointError(f"{directory} is another run's checkpoint (run {theirs}); this run ({run_id}) would "
+                              "overwrite its iterations and pointer: save to another directory, or resume it with "
+                              "--load")
+
+
 def load_sharded(directory: Path, sharded: dict, strict: str = "raise_all", *, verify: bool = True) -> dict:
     """Collective: verify the manifest (rank 0; skip with ``verify=False`` if just done), then load
     ``sharded`` from ``directory``."""
@@ -440,20 +457,27 @@ def adapter_sharded_state_dict(entries, slot: int, rank: int, optimizer=None, *,
 @torch.no_grad()
 def apply_adapter_state(loaded: dict, entries, slot: int, rank: int, optimizer=None, *, step: int = 0,
                         with_master: bool = False) -> None:
-    """Write loaded weights (and optimizer moments / step) into ``slot``; the slot's other rows stay zero."""
+    """Write loaded weights (and optimizer moments / step) into ``slot``; the slot's other rows stay zero. A
+    checkpoint's fp32 masters (``with_master``) are the weights of an fp32 run (the finer copy of what it
+    trained in bf16 / fp16) and the masters of a run that keeps masters."""
     for e in entries:
         param = e.layer.lora_A if e.which == "a" else e.layer.lora_B
         target = _slice_rank(e.which, param[slot], rank)
         param[slot].zero_()
-        target.copy_(loaded[e.key].reshape(target.shape).to(param.dtype))
+        weights = loaded[e.key]
+        if with_master and param.dtype == torch.float32:
+            weights = loaded[f"optimizer.state.fp32_param.{e.key}"]
+        target.copy_(weights.reshape(target.shape).to(param.dtype))
     if optimizer is None:
         return
     state = optimizer.slot_state(slot)  # called right after reset_slot: zero moments, masters = weights
     for e in entries:
         for prefix, opt_key in _OPT_KEYS.items():
+            full = state.get(f"{e.param_name}.{opt_key}")
+            if full is None:  # (masters: an fp32 parameter has none)
+                continue
             if opt_key == "master" and not with_master:
                 continue
-            full = state[f"{e.param_name}.{opt_key}"]
             full.zero_()
             piece = _slice_rank(e.which, full, rank)
             piece.copy_(loaded[f"optimizer.state.{prefix}.{e.key}"].reshape(piece.shape))

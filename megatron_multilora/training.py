@@ -158,7 +158,10 @@ class MultiLoRATrainer:
         self._saved_iteration: int | None = None  # newest run checkpoint written or loaded
         self._last_eval_iteration: int | None = None
         self._watcher = TenantsDirWatcher(run.tenants_dir, run) if run.tenants_dir else None
-        if not (run.load and self.load_checkpoint(run.load)):
+        resumed = bool(run.load) and self.load_checkpoint(run.load)
+        if run.save:  # (validation refuses this up front; a program may build a trainer without it)
+            ckpt.on_rank0(self._check_own_pointer)
+        if not resumed:
             stopped = self._watcher.stopped_names() if self._watcher else set()
             for tenant in run.tenants:
                 if tenant.name not in stopped:  # <name>.stop in the control directory: not started
@@ -167,8 +170,9 @@ class MultiLoRATrainer:
 
     # ---- tenants ---------------------------------------------------------------------------------------
     def add_tenant(self, tc: TenantConfig, *, slot: int | None = None, resume: bool = True) -> int | None:
-        """Give the tenant a slot (or queue it when all are taken); returns the slot or None if queued. With
-        ``resume`` (default) a tenant with a checkpoint under <load or save>/tenants/<name> continues from it."""
+        """Give the tenant a slot (or queue it when all are taken); returns the slot, or None if queued (or
+        finished at once). With ``resume`` (default) a tenant with a checkpoint under <load or save>/tenants/<name>
+        continues from it; one whose checkpoint already did its train_iters / max_epochs is finished."""
         check_tenant_name(tc.name)
         if tc.name in self.tenants or any(q.name == tc.name for q in self.queue):
             raise SlotError(f"tenant {tc.name!r} is already running or queued")
@@ -178,7 +182,13 @@ class MultiLoRATrainer:
             self.queue.append(tc)
             return None
         found = self.find_tenant_checkpoint(tc.name) if resume else None
-        return self._acquire(tc, slot, found)
+        slot = self._acquire(tc, slot, found)
+        if found is not None and self._tenant_done(self.tenants[tc.name]):  # (a job that died before its save)
+            self.metrics.note(f"tenant {tc.name}: its checkpoint {found} has done its train_iters / max_epochs "
+                              f"({self.tenants[tc.name].steps} steps): finished without training")
+            self.release_tenant(tc.name)
+            return None
+        return slot
 
     def _acquire(self, tc: TenantConfig | None, slot: int | None, checkpoint=None, *, saved_spec: bool = False,
                  verified: bool = False):
@@ -433,8 +443,9 @@ class MultiLoRATrainer:
                 self._watcher.refused.add(tc.name)
                 self.metrics.note(f"tenants_dir: tenant {tc.name!r} refused: {e}")
                 continue
-            self.metrics.note(f"tenant {tc.name}: joined at iteration {self.iteration}, "
-                              + ("queued (no free slot)" if slot is None else f"slot {slot}"))
+            if tc.name not in self.finished:
+                self.metrics.note(f"tenant {tc.name}: joined at iteration {self.iteration}, "
+                                  + ("queued (no free slot)" if slot is None else f"slot {slot}"))
         return decision
 
     @contextlib.contextmanager
@@ -502,18 +513,18 @@ class MultiLoRATrainer:
         root = ckpt.tenant_root(self.run.save, name)
         hook = (lambda: kill_point("save", self.iteration, kill_phase)) if kill_phase else None
         where = ckpt.save_sharded(root, self.iteration, sharded,
-                                  {k: meta[k] for k in ("name", "iteration", "run_id", "done")},
+                                  {**{k: meta[k] for k in ("name", "iteration", "run_id", "done")},
+                                   "saved_at": time.time()},
                                   extra_files={"tenant.yaml": yaml.safe_dump(meta["spec"], sort_keys=False)},
                                   before_promote=hook)
         if kill_phase is None:  # a lone tenant save (finished / stopped): prune now
-            self._prune(root)
+            self._prune(root, tenant=True)
         return where
 
     def _load_tenant_tensors(self, name: str, slot: int, directory, common: dict, optimizer: bool = True) -> None:
         record = self.table.record(name)
         entries = ckpt.adapter_entries(self.table, record, self._param_names)
-        with_master = optimizer and common.get("has_master", False) and any(
-            p.dtype != torch.float32 for p in self.params)
+        with_master = optimizer and common.get("has_master", False)  # (an fp32 run takes them as its weights)
         sharded = ckpt.adapter_sharded_state_dict(entries, slot, record.spec.rank,
                                                   self.optimizer if optimizer else None, for_load=True,
                                                   with_master=with_master)
@@ -523,20 +534,23 @@ class MultiLoRATrainer:
                                  step=common["optimizer_step"], with_master=with_master)
 
     def find_tenant_checkpoint(self, name: str):
-        """The newest complete checkpoint of tenant ``name`` under <load> then <save> (None if none). Skips
-        checkpoints this run's own lineage wrote at a later iteration (left by an attempt that crashed after
-        the run checkpoint it resumed from)."""
+        """The most recently saved complete checkpoint of tenant ``name`` under <load> and <save> (None if none;
+        iteration numbers do not order checkpoints of different runs or directories). Skips checkpoints this
+        run's own lineage wrote at a later iteration (left by an attempt that crashed after the run checkpoint
+        it resumed from)."""
         roots = [d for d in dict.fromkeys((self.run.load, self.run.save)) if d]
 
         def find():
+            newest, key = None, None
             for save_dir in roots:
                 root = ckpt.tenant_root(save_dir, name)
-                for it in reversed(ckpt.complete_iterations(root)):
+                for it in ckpt.complete_iterations(root):
                     meta = ckpt.read_manifest(root / ckpt.iter_name(it)).get("meta", {})
                     if it > self.iteration and meta.get("run_id") == self.run_id:
                         continue
-                    return str(root / ckpt.iter_name(it))
-            return None
+                    if key is None or (meta.get("saved_at", 0.0), it) > key:
+                        newest, key = str(root / ckpt.iter_name(it)), (meta.get("saved_at", 0.0), it)
+            return newest
 
         found = ckpt.on_rank0(find)
         return None if found is None else Path(found)
@@ -562,6 +576,7 @@ class MultiLoRATrainer:
         save, it = self.run.save, self.iteration
         if not save:
             raise ValueError("save_checkpoint needs a save directory (--save)")
+        ckpt.on_rank0(self._check_own_pointer)
         by_slot = sorted(self.tenants, key=lambda n: self.tenants[n].slot)
         for i, name in enumerate(by_slot):
             self.save_tenant(name, kill_phase=f"t{i}")
@@ -573,14 +588,30 @@ class MultiLoRATrainer:
         kill_point("save", it, "pointer")
         ckpt.on_rank0(ckpt.write_tracker, Path(save).resolve(), it)
         self._saved_iteration = it
-        for name in by_slot:
-            self._prune(ckpt.tenant_root(save, name))
         self._prune(root)
+        for name in by_slot:
+            self._prune(ckpt.tenant_root(save, name), tenant=True)
         self.metrics.note(f"saved checkpoint at iteration {it} to {save}")
 
-    def _prune(self, root) -> None:
-        protect = () if self._saved_iteration is None else (self._saved_iteration,)
-        ckpt.on_rank0(ckpt.prune, root, self.run.keep_last_checkpoints, protect)
+    def _check_own_pointer(self) -> None:
+        """<save>'s run pointer names no checkpoint, or one of this run's lineage: a run never moves another
+        run's pointer or writes among its iterations (validation refuses that up front; this guards programs
+        that build a trainer themselves)."""
+        save = Path(self.run.save).resolve()
+        it = ckpt.read_tracker(save)
+        if it is not None:
+            ckpt.check_same_run(ckpt.run_root(save) / ckpt.iter_name(it), self.run_id)
+
+    def _prune(self, root, tenant: bool = False) -> None:
+        """Old checkpoints of ``root`` beyond keep_last_checkpoints; a tenant root keeps every iteration a kept
+        run checkpoint resumes from (a tenant's stop / finish saves add iterations to its root alone)."""
+        keep, protect = self.run.keep_last_checkpoints, {self._saved_iteration} - {None}
+
+        def prune():
+            kept_runs = ckpt.complete_iterations(ckpt.run_root(self.run.save)) if tenant else []
+            return ckpt.prune(root, keep, protect | set(kept_runs))
+
+        ckpt.on_rank0(prune)
 
     def load_checkpoint(self, directory) -> bool:
         """Collective: restore the whole run from <directory> (its latest_checkpointed_iteration.txt): iteration,
@@ -597,6 +628,7 @@ class MultiLoRATrainer:
         tenant_dirs = {name: ckpt.tenant_root(base, name) / ckpt.iter_name(info["iteration"])
                        for name, info in state["tenants"].items()}
         ckpt.on_rank0(lambda: [ckpt.verify_checkpoint(p) for p in tenant_dirs.values()])  # before changing anything
+        self._check_pool_holds(run_dir, state["tenants"], tenant_dirs)
         self.queue = []  # (releasing must not admit queued tenants)
         for name in list(self.tenants):
             self.release_tenant(name, finished=False)
@@ -627,6 +659,24 @@ class MultiLoRATrainer:
         self.metrics.note(f"resumed from {run_dir} at iteration {self.iteration} with tenants "
                           f"{sorted(self.tenants)}, queue {[q.name for q in self.queue]}")
         return True
+
+    def _check_pool_holds(self, run_dir, tenants: dict, tenant_dirs: dict) -> None:
+        """The checkpoint's running tenants fit this run's LoRA pool (slots, max_rank, target_modules): named
+        before anything changes."""
+        pool, problems = self.run.lora, []
+        top = max((info["slot"] for info in tenants.values()), default=-1)
+        if top >= pool.max_slots:
+            problems.append(f"its tenants run in slots up to {top} but lora.max_slots is {pool.max_slots} "
+                            f"(use >= {top + 1})")
+        for name in sorted(tenants):
+            meta = ckpt.load_common(tenant_dirs[name], verify=False)["tenant"]
+            if meta["rank"] > pool.max_rank:
+                problems.append(f"tenant {name!r} has rank {meta['rank']} > lora.max_rank {pool.max_rank}")
+            missing = sorted(set(meta["targets"]) - set(pool.target_modules))
+            if missing:
+                problems.append(f"tenant {name!r} adapts {missing}, not in lora.target_modules")
+        if problems:
+            raise ckpt.CheckpointError(f"cannot resume {run_dir}: " + "; ".join(problems))
 
     def _note_unapplied(self, tc: TenantConfig, saved: TenantConfig) -> None:
         """A run resumes each tenant exactly, with the spec its checkpoint holds (as a running tenant keeps its

@@ -1,0 +1,216 @@
+"""Which checkpoint a tenant comes back from, what a run may overwrite, and what pruning keeps: a tenant re-joins
+from its most recent checkpoint whatever directory and iteration number it has; a tenant whose checkpoint already
+did its train_iters is not trained again; a run never writes over another run's checkpoints or pointer, even when
+a program builds the trainer without validation; pruning keeps every tenant checkpoint a kept run checkpoint
+resumes from; a pool too small for the checkpoint and garbled checkpoint files are named, not tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import tenant_runs as tr
+from tests.distributed import run_world
+
+
+def _trainer(cfg: dict, validated: bool = True):
+    from megatron_multilora.config import load_run_config, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    run = load_run_config(cfg)
+    return MultiLoRATrainer(validate(run, 1) if validated else run)
+
+
+def _tree(root: Path) -> dict:
+    """Every file under root with its size and modification time (what 'untouched' compares)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def _lineage_world(d: str) -> dict:
+    """The scenarios, one trainer after another in one process."""
+    from megatron_multilora import tenant_checkpoint as ckpt
+
+    d, out = Path(d), {}
+    x = tr.tenant(d, "x", rank=4, seed=1, valid=False)
+
+    # A tenant stopped in --save B after resuming from --load A comes back from B (its newest), not from A's
+    # older checkpoint with fewer steps.
+    a_dir, b_dir = d / "A", d / "B"
+    first = _trainer(tr.run_config([x], eval_interval=None, save=str(a_dir)))
+    for _ in range(2):
+        first.train_iteration()
+    first.save_checkpoint()
+    first.close()
+    cfg = tr.run_config([x], eval_interval=None, save=str(b_dir), load=str(a_dir))
+    second = _trainer(cfg)
+    for _ in range(3):
+        second.train_iteration()
+    second.stop_tenant("x")
+    second.add_tenant(second.run.tenants[0])
+    out["rejoined_steps"] = second.tenants["x"].steps
+    out["rejoined_from"] = str(second.find_tenant_checkpoint("x").relative_to(d))
+    second.close()
+
+    # Iteration numbers do not order runs: a run stops x at its iteration 2 before any run checkpoint; a new run
+    # into the same --save resumes x (2 steps), trains 1 step and stops it at ITS iteration 1. x comes back
+    # with 3 steps, from iter_1, not from the older iter_2.
+    e_dir = d / "E"
+    cfg = tr.run_config([x], eval_interval=None, save=str(e_dir))
+    for iterations in (2, 1):
+        run = _trainer(cfg)
+        for _ in range(iterations):
+            run.train_iteration()
+        run.stop_tenant("x")
+        run.close()
+    run = _trainer(cfg)
+    out["newer_run_steps"] = run.tenants["x"].steps
+    run.close()
+
+    # b finished (train_iters 2, saved as done) and the job died before its end-of-run save: the relaunch
+    # resumes b's checkpoint, finds it complete and does not train it again.
+    a = tr.tenant(d, "a", rank=4, seed=2, valid=False)
+    b = tr.tenant(d, "b", rank=4, seed=3, valid=False, train_iters=2)
+    done_dir = d / "done"
+    cfg = tr.run_config([a, b], eval_interval=None, save=str(done_dir))
+    died = _trainer(cfg)
+    for _ in range(3):
+        died.train_iteration()
+    out["died_finished"] = list(died.finished)
+    died.close()  # (no end-of-run save)
+    before = _tree(done_dir / "tenants" / "b")
+    relaunch = _trainer({**cfg, "load": str(done_dir)})
+    out["relaunch_running"], out["relaunch_finished"] = sorted(relaunch.tenants), list(relaunch.finished)
+    relaunch.train_iteration()
+    out["b_untouched"] = _tree(done_dir / "tenants" / "b") == before
+    relaunch.close()
+
+    # A program building a trainer without validation, fresh, with --save = another run's directory: refused
+    # before it writes anything; that run's files and pointer stay as they were.
+    before = _tree(a_dir)
+    try:
+        _trainer(tr.run_config([x], eval_interval=None, save=str(a_dir)), validated=False).close()
+        out["foreign"] = None
+    except ckpt.CheckpointError as e:
+        out["foreign"] = str(e)
+    out["foreign_untouched"] = _tree(a_dir) == before
+
+    # keep_last_checkpoints 2 with saves at 2, 4 and 6 and x stopped and re-joined at 5 (x's root: 2, 4, 5, 6):
+    # the kept run checkpoints (4 and 6) resume from x's iterations 4 and 6, which must survive pruning.
+    keep_dir = d / "keep"
+    keep = _trainer(tr.run_config([x], eval_interval=None, save=str(keep_dir), save_interval=2,
+                                  keep_last_checkpoints=2, train_iters=6))
+    for _ in range(5):
+        keep.train_iteration()
+    keep.stop_tenant("x")
+    keep.add_tenant(keep.run.tenants[0])
+    keep.train_iteration()
+    keep.close()
+    runs = ckpt.complete_iterations(ckpt.run_root(keep_dir))
+    out["kept_runs"] = runs
+    out["kept_x"] = ckpt.complete_iterations(ckpt.tenant_root(keep_dir, "x"))
+    referenced = []
+    for it in runs:
+        state = json.loads((ckpt.run_root(keep_dir) / ckpt.iter_name(it) / "manifest.json").read_text())
+        referenced.append(state["meta"]["iteration"])
+    out["kept_runs_resumable"] = all(
+        (ckpt.tenant_root(keep_dir, "x") / ckpt.iter_name(it) / "manifest.json").is_file() for it in referenced)
+
+    # Resuming a checkpoint of 2 running tenants (x rank 4, a rank 8) with lora.max_slots 1 and max_rank 4 (the
+    # config lists x alone, so validation has nothing to say): named, nothing changed.
+    two_dir = d / "two"
+    cfg = tr.run_config([x, dict(a, rank=8)], eval_interval=None, save=str(two_dir))
+    two = _trainer(cfg)
+    two.train_iteration()
+    two.save_checkpoint()
+    two.close()
+    before = _tree(two_dir)
+    try:
+        _trainer({**cfg, "tenants": [x], "load": str(two_dir), "lora": {"max_slots": 1, "max_rank": 4}}).close()
+        out["small_pool"] = None
+    except ckpt.CheckpointError as e:
+        out["small_pool"] = str(e)
+    out["small_pool_untouched"] = _tree(two_dir) == before
+
+    # A tenant trained in bf16 (fp32 masters in its checkpoint) resumes in an fp32 run: its weights are the
+    # masters, bitwise, and it trains on.
+    bf_dir = d / "bf16"
+    cfg = tr.run_config([x], eval_interval=None, save=str(bf_dir),
+                        model={"preset": "tiny-dense", "params_dtype": "bfloat16"})
+    bf = _trainer(cfg)
+    for _ in range(2):
+        bf.train_iteration()
+    bf.save_checkpoint()
+    masters = {k: v for k, v in bf.optimizer.slot_state(bf.tenants["x"].slot).items() if k.endswith(".master")}
+    bf.close()
+    fp = _trainer({**cfg, "model": "tiny-dense", "load": str(bf_dir)})
+    from megatron_multilora.lora.inject import lora_parameters
+
+    slot = fp.tenants["x"].slot
+    weights = {f"{n}.master": p.detach()[slot] for n, p in lora_parameters(fp.model)}
+    out["fp32_weights_are_masters"] = bool(masters) and masters.keys() == weights.keys() and all(
+        torch.equal(masters[k], weights[k]) for k in masters)
+    out["fp32_finer_than_bf16"] = any(bool((w != w.bfloat16().float()).any()) for w in weights.values())
+    fp.train_iteration()
+    out["fp32_steps"] = fp.tenants["x"].steps
+    fp.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    return run_world(_lineage_world, 1, str(tmp_path_factory.mktemp("lineage")))[0]
+
+
+def test_a_tenant_rejoins_from_its_most_recent_checkpoint(lineage):
+    assert lineage["rejoined_steps"] == 5  # 2 in A, then 3 more in this run (A's checkpoint had 2)
+    assert lineage["rejoined_from"] == "B/tenants/x/iter_0000005"
+    assert lineage["newer_run_steps"] == 3  # from the newer run's iter_1, not the older run's iter_2 (2 steps)
+
+
+def test_a_tenant_whose_checkpoint_is_complete_is_not_trained_again(lineage):
+    assert lineage["died_finished"] == ["b"]
+    assert lineage["relaunch_running"] == ["a"] and lineage["relaunch_finished"] == ["b"]
+    assert lineage["b_untouched"], "the finished tenant's checkpoints changed"
+
+
+def test_a_program_cannot_write_a_new_run_over_another_runs_checkpoints(lineage):
+    assert lineage["foreign"] is not None and "another run's checkpoint" in lineage["foreign"]
+    assert lineage["foreign_untouched"]
+
+
+def test_pruning_keeps_the_tenant_checkpoints_kept_run_checkpoints_resume_from(lineage):
+    assert lineage["kept_runs"] == [4, 6]
+    assert {4, 6} <= set(lineage["kept_x"]) and 2 not in lineage["kept_x"]
+    assert lineage["kept_runs_resumable"]
+
+
+def test_a_pool_too_small_for_the_checkpoint_is_named(lineage):
+    msg = lineage["small_pool"]
+    assert msg is not None and "lora.max_slots is 1" in msg and "'a' has rank 8 > lora.max_rank 4" in msg
+    assert lineage["small_pool_untouched"]
+
+
+def test_a_tenant_trained_in_bf16_resumes_in_fp32_from_its_masters(lineage):
+    assert lineage["fp32_weights_are_masters"] and lineage["fp32_finer_than_bf16"]
+    assert lineage["fp32_steps"] == 3
+
+
+def test_garbled_trackers_and_manifests_are_named(tmp_path):
+    from megatron_multilora import tenant_checkpoint as ckpt
+
+    tracker = tmp_path / ckpt.TRACKER
+    for raw in ("²\n".encode(), b"\xff\xfe12\n", b"-3\n"):
+        tracker.write_bytes(raw)
+        with pytest.raises(ckpt.CheckpointError, match="does not hold an iteration number"):
+            ckpt.read_tracker(tmp_path)
+    for files in ({"a.distcp": {"sha256": "00"}}, {"a.distcp": "12"}):
+        (tmp_path / ckpt.MANIFEST).write_text(json.dumps({"format": ckpt.FORMAT, "meta": {}, "files": files}))
+        with pytest.raises(ckpt.CheckpointError, match="manifest .* is corrupt"):
+            ckpt.verify_checkpoint(tmp_path)
+    (tmp_path / ckpt.MANIFEST).write_bytes(b"\xff{")
+    with pytest.raises(ckpt.CheckpointError, match="is corrupt"):
+        ckpt.read_manifest(tmp_path)
