@@ -53,6 +53,7 @@ class ModelConfig:
     moe_router_pre_softmax: bool = False  # True: softmax over all experts, then top-k (Qwen2-MoE)
 
     def __post_init__(self):
+        _normalize(self, "model")  # types first: a YAML string "1e-5" or a float topk would fail inside torch
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
@@ -73,7 +74,9 @@ class ModelConfig:
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.params_dtype must be float32, bfloat16 or float16, got {self.params_dtype!r}")
         if self.num_experts is not None:
-            if self.num_experts < 1 or not 1 <= self.moe_router_topk <= self.num_experts:
+            if self.num_experts < 1:
+                raise ConfigError(f"model.num_experts must be >= 1 (or null: dense), got {self.num_experts}")
+            if not 1 <= self.moe_router_topk <= self.num_experts:
                 raise ConfigError(
                     f"model.moe_router_topk {self.moe_router_topk} must be between 1 and "
                     f"num_experts {self.num_experts}"

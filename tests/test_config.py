@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -490,6 +491,22 @@ def test_model_flags(run_yaml):
     with pytest.raises(ConfigError, match=r"--pipeline-model-parallel-size 2 must divide num_layers 3"):
         parse_run_config(["--config", str(run_yaml), "--num-layers", "3", "--pipeline-model-parallel-size", "2",
                           "--expert-model-parallel-size", "1"], world_size=2)
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("moe_router_topk", 2.7, "model.moe_router_topk: expected an integer, got 2.7"),
+    ("untie_embeddings_and_output_weights", "no", "untie_embeddings_and_output_weights: expected true or false"),
+    ("max_position_embeddings", 64.5, "model.max_position_embeddings: expected an integer"),
+    ("norm_epsilon", "tiny", "model.norm_epsilon: expected a number, got 'tiny'"),
+    ("num_experts", 0, "model.num_experts must be >= 1"),
+])
+def test_model_field_types_are_checked_before_any_model_is_built(field, value, error):
+    """(They failed inside torch once the model was built, or were taken as they came: "no" is true.)"""
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        model_config_from({"preset": "tiny-moe", field: value})
+    # YAML 1.1 reads 1e-5 as a string, "4" may come from a flag: converted like the run's own fields
+    m = model_config_from({"preset": "tiny-moe", "norm_epsilon": "1e-5", "num_experts": "4"})
+    assert (m.norm_epsilon, m.num_experts) == (1e-5, 4)
 
 
 def test_tenant_default_flags_fill_only_missing_fields(tmp_path, data):
