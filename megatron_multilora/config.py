@@ -1010,6 +1010,51 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
             problems.append(f"load: directory not found: {load}")
         elif not (load / TRACKER).is_file() and not (load / TENANTS_DIR).is_dir():
             problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no {TENANTS_DIR}/ directory)")
+    if load is not None and (load / TRACKER).is_file():
+        problems += _base_problems(run, load)
+    return problems
+
+
+def base_identity(run: RunConfig) -> dict:
+    """What the frozen base of ``run`` is built from, as its run checkpoints record it: the model and a saved
+    base's directory, or, for a random base, the seed and model-parallel layout that draw it (either of them
+    changed draws another base)."""
+    model = {k: v for k, v in run.model.to_dict().items() if k != "params_dtype"}  # (a bf16 run resumes in fp32)
+    if run.load_base is not None:
+        model.pop("init_method_std")
+        return {"model": model, "load_base": str(Path(run.load_base).resolve())}
+    return {"model": model, "load_base": None, "seed": run.seed, "layout": [
+        run.tensor_model_parallel_size, run.pipeline_model_parallel_size, run.expert_model_parallel_size]}
+
+
+def _base_problems(run: RunConfig, load: Path) -> list[str]:
+    """A resume on another base than its checkpoint's (the tenants would go on training against other weights,
+    with no error anywhere): another model, a random base for a saved one, or a random base drawn with another
+    seed or model-parallel layout."""
+    from .tenant_checkpoint import CheckpointError, RUN_DIR, iter_name, read_manifest, read_tracker
+
+    try:
+        saved = read_manifest(load / RUN_DIR / iter_name(read_tracker(load))).get("meta", {}).get("base")
+    except CheckpointError:
+        return []  # (the trainer names a damaged checkpoint)
+    if saved is None:
+        return []
+    mine = base_identity(run)
+    where = f"load: {load} was trained on"
+    if saved["load_base"] is not None and mine["load_base"] is None:
+        return [f"{where} the base in {saved['load_base']}; this run would build a random one: pass --load-base"]
+    problems = []
+    changed = [f"{k} {saved['model'].get(k)!r} -> {v!r}" for k, v in mine["model"].items()
+               if k in saved["model"] and saved["model"][k] != v]
+    if changed:
+        problems.append(f"{where} another model: {', '.join(changed)}")
+    # (a random base saved with checkpointing.save_base and given as --load-base is the same base: allowed)
+    if mine["load_base"] is None and (saved["seed"], saved["layout"]) != (mine["seed"], mine["layout"]):
+        tp, pp, ep = saved["layout"]
+        problems.append(f"{where} a random base drawn with seed {saved['seed']} at TP{tp} PP{pp} EP{ep}; this run "
+                        f"would draw another (seed {mine['seed']}, TP{mine['layout'][0]} PP{mine['layout'][1]} "
+                        f"EP{mine['layout'][2]}): resume with that seed and layout, or train on a saved base "
+                        "(--load-base)")
     return problems
 
 

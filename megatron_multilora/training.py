@@ -21,7 +21,7 @@ import torch.distributed as dist
 from . import checkpointing, platform
 from . import model as model_lib
 from . import tenant_checkpoint as ckpt
-from .config import ConfigError, RunConfig, TenantConfig, tenant_from_dict
+from .config import ConfigError, RunConfig, TenantConfig, base_identity, tenant_from_dict
 from .data.datasets import DataError, TenantDataset
 from .data.source import PAD_SLOT, MultiAdapterDataSource
 from .data.tokenizer import build_tokenizer
@@ -583,7 +583,7 @@ class MultiLoRATrainer:
         state = self._run_state()
         root = ckpt.run_root(save)
         ckpt.save_sharded(root, it, {"run": state, "rng_state": ckpt.rng_sharded_object(ckpt.rng_state())},
-                          {"iteration": it, "run_id": self.run_id},
+                          {"iteration": it, "run_id": self.run_id, "base": base_identity(self.run)},
                           before_promote=lambda: kill_point("save", it, "run"), tracker=False)
         kill_point("save", it, "pointer")
         ckpt.on_rank0(ckpt.write_tracker, Path(save).resolve(), it)

@@ -134,6 +134,7 @@ def _lineage_world(d: str) -> dict:
     except ckpt.CheckpointError as e:
         out["small_pool"] = str(e)
     out["small_pool_untouched"] = _tree(two_dir) == before
+    out["two_dir"], out["two_cfg"] = str(two_dir), cfg
 
     # A tenant trained in bf16 (fp32 masters in its checkpoint) resumes in an fp32 run: its weights are the
     # masters, bitwise, and it trains on.
@@ -197,6 +198,43 @@ def test_a_pool_too_small_for_the_checkpoint_is_named(lineage):
 def test_a_tenant_trained_in_bf16_resumes_in_fp32_from_its_masters(lineage):
     assert lineage["fp32_weights_are_masters"] and lineage["fp32_finer_than_bf16"]
     assert lineage["fp32_steps"] == 3
+
+
+def test_a_resume_on_another_base_is_refused_before_any_model_is_built(lineage, tmp_path):
+    """The run checkpoint does not hold the frozen base: a resume on another one would train the tenants on
+    against other weights with no error anywhere. A random base (seed 7, TP1 PP1 EP1 here) is another one with
+    another seed or model-parallel layout; a saved base must be given again; the model must be the same. A bf16
+    -> fp32 change, more data-parallel ranks, or the random base saved and given as --load-base keep it."""
+    from megatron_multilora import tenant_checkpoint as ckpt
+    from megatron_multilora.config import ConfigError, base_identity, load_run_config, validate
+
+    cfg = {**lineage["two_cfg"], "load": lineage["two_dir"], "save": str(tmp_path / "next")}
+    manifest = ckpt.run_root(lineage["two_dir"]) / ckpt.iter_name(1) / ckpt.MANIFEST
+    assert json.loads(manifest.read_text())["meta"]["base"] == base_identity(load_run_config(cfg))
+
+    def problems(world: int = 1, **changes) -> str:
+        try:
+            validate(load_run_config({**cfg, **changes}), world)
+        except ConfigError as e:
+            return str(e)
+        return ""
+
+    assert problems() == "" and problems(model={"preset": "tiny-dense", "params_dtype": "bfloat16"}) == ""
+    assert problems(2) == ""  # DP=2
+    drawn = "was trained on a random base drawn with seed 7 at TP1 PP1 EP1"
+    assert drawn in problems(seed=8) and "(seed 8, TP1 PP1 EP1)" in problems(seed=8)
+    assert drawn in problems(2, pipeline_model_parallel_size=2)
+    assert "another model: hidden_size 64 -> 128" in problems(model={"preset": "tiny-dense", "hidden_size": 128})
+    assert "was trained on" not in problems(load_base=str(tmp_path))  # (what it names: not a base directory)
+
+    # a run trained on a saved base (its identity written as save_checkpoint writes it), resumed without it
+    based = tmp_path / "based"
+    (based / ckpt.RUN_DIR / ckpt.iter_name(3)).mkdir(parents=True)
+    ckpt.write_tracker(based, 3)
+    identity = base_identity(load_run_config({**cfg, "load_base": "/bases/tiny"}))
+    (based / ckpt.RUN_DIR / ckpt.iter_name(3) / ckpt.MANIFEST).write_text(
+        json.dumps({"format": ckpt.FORMAT, "meta": {"base": identity}, "files": {}}))
+    assert "the base in /bases/tiny; this run would build a random one" in problems(load=str(based))
 
 
 def test_garbled_trackers_and_manifests_are_named(tmp_path):
