@@ -614,18 +614,6 @@ def load_tenant_file(path: str | Path, defaults: dict | None = None) -> TenantCo
     return tenant
 
 
-def tenant_files(directory: str | Path) -> list[Path]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ConfigError(f"tenants_dir {str(directory)!r} is not a directory")
-    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-
-
-def load_tenants_dir(directory: str | Path, defaults: dict | None = None) -> list[TenantConfig]:
-    """Every ``*.yaml`` / ``*.yml`` file of ``directory`` (sorted by file name) as a tenant."""
-    return [load_tenant_file(p, defaults) for p in tenant_files(directory)]
-
-
 def _merge_overrides(data: dict, overrides: dict | None) -> dict:
     """``overrides`` on top of a raw run mapping: plain keys replace; ``lora`` and ``tenant_defaults``
     mappings are merged key by key; a ``model`` mapping is merged into the model section unless it names a
@@ -648,11 +636,9 @@ def _merge_overrides(data: dict, overrides: dict | None) -> dict:
 
 
 def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig:
-    """A RunConfig from a raw mapping (paths already resolved), with ``overrides`` on top.
-
-    Tenants of ``tenants_dir`` are appended to the ``tenants`` list; one defined both in the list and in the
-    directory must be identical there (as after a round trip through :meth:`RunConfig.to_dict`).
-    """
+    """A RunConfig from a raw mapping (paths already resolved), with ``overrides`` on top. (The tenants of
+    ``tenants_dir`` are not among its ``tenants``: the job reads that directory itself, from its first
+    iteration on, and refuses a file it cannot use with a note, whenever the file appeared.)"""
     data = _merge_overrides(data, overrides)
     _check_keys(RunConfig, data, "")
     if "model" not in data and data.get("load_base"):
@@ -675,20 +661,7 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
         data["tenants"] = []
     if data.get("tenant_defaults") is None:
         data["tenant_defaults"] = {}
-    run = RunConfig(**data)
-    if run.tenants_dir is not None:
-        listed = {t.name: i for i, t in enumerate(run.tenants)}
-        for tenant in load_tenants_dir(run.tenants_dir, run.tenant_defaults):
-            run.resolve_tenant(tenant)
-            if tenant.name in listed:
-                if run.tenants[listed[tenant.name]] == tenant:
-                    continue
-                raise ConfigError(
-                    f"tenant {tenant.name!r} is defined twice, differently: in tenants[{listed[tenant.name]}] "
-                    f"and in {tenant._source}"
-                )
-            run.tenants.append(tenant)
-    return run
+    return RunConfig(**data)
 
 
 def load_run_config(source: str | Path | dict, overrides: dict | None = None) -> RunConfig:

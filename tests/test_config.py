@@ -22,7 +22,6 @@ from megatron_multilora.config import (
     TenantConfig,
     load_run_config,
     load_tenant_file,
-    load_tenants_dir,
     model_config_from,
     validate,
     validate_tenant,
@@ -393,7 +392,8 @@ def test_relative_paths_resolve_against_the_yaml_directory(tmp_path, monkeypatch
     monkeypatch.chdir(elsewhere)
     run = validate(load_run_config(Path("..") / "configs" / "run.yaml"))
     assert run.tenants[0].train_data == str(tmp_path / "demo_data" / "a" / "train.jsonl")
-    assert run.tenants[1].name == "d" and run.tenants[1].train_data == run.tenants[0].train_data
+    d = load_tenant_file(Path(run.tenants_dir) / "d.yaml")  # a tenant file's paths: against its own directory
+    assert d.name == "d" and d.train_data == run.tenants[0].train_data
     assert run.load_base == str(tmp_path / "base") and run.tenants_dir == str(tmp_path / "configs" / "tenants")
     assert run.save == "ckpt"  # output paths stay relative to the working directory, as in Megatron-LM
 
@@ -422,18 +422,12 @@ def test_tenant_files_and_tenants_dir(raw, data, tmp_path):
     (tenants / "notes.txt").write_text("ignored")
     c = load_tenant_file(tenants / "c.yaml")
     assert c.name == "c" and c.alpha == 2.0 and c.train_data == str(data / "c" / "train.jsonl")
-    assert [t.name for t in load_tenants_dir(tenants)] == ["c", "z"]
+    assert load_tenant_file(tenants / "zeta.yml").name == "z"
 
+    # the job reads the directory itself (tests/test_tenant_lifecycle.py): the config's tenants are its own
     run = check({**raw, "tenants_dir": str(tenants)})
-    assert [t.name for t in run.tenants] == ["a", "b", "c", "z"]
-    assert run.tenants[2].target_modules == run.lora.target_modules
-    # the dumped config lists every tenant and still names the directory: reloading does not duplicate them
+    assert [t.name for t in run.tenants] == ["a", "b"] and run.tenants_dir == str(tenants)
     assert load_run_config(run.to_dict()) == run
-
-    (tenants / "a.yaml").write_text(f"rank: 2\nlr: 1.0e-3\ntrain_data: {data / 'a/train.jsonl'}\n")
-    with pytest.raises(ConfigError, match=r"tenant 'a' is defined twice, differently: in tenants\[0\] and in "
-                                          r".*a\.yaml"):
-        load_run_config({**raw, "tenants_dir": str(tenants)})
 
 
 def test_tenant_file_errors_use_the_same_validation(raw, tmp_path, data):
@@ -450,8 +444,8 @@ def test_tenant_file_errors_use_the_same_validation(raw, tmp_path, data):
     (tmp_path / "typo.yaml").write_text("rank: 4\nlr: 1.0e-3\ntrain_dat: x\n")
     with pytest.raises(ConfigError, match=r"typo\.yaml: tenant: unknown key\(s\) 'train_dat'"):
         load_tenant_file(tmp_path / "typo.yaml")
-    with pytest.raises(ConfigError, match=r"tenants_dir '.*missing' is not a directory"):
-        load_run_config({**raw, "tenants_dir": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match=r"tenants_dir: directory not found: .*missing"):
+        check({**raw, "tenants_dir": str(tmp_path / "missing")})
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -517,7 +511,7 @@ def test_tenant_default_flags_fill_only_missing_fields(tmp_path, data):
     run = parse_run_config(["--model", "tiny-dense", "--max-slots", "2", "--max-rank", "8", "--train-iters", "10",
                             "--tenants-dir", str(tenants), "--lr", "1e-3", "--lora-rank", "4",
                             "--global-batch-size", "16", "--lr-decay-style", "linear", "--clip-grad", "0"])
-    x, y = run.tenants
+    x, y = (load_tenant_file(tenants / f, run.tenant_defaults) for f in ("x.yaml", "y.yaml"))
     assert (x.name, x.lr, x.rank, x.global_batch_size, x.lr_decay_style, x.clip_grad) == ("x", 1e-3, 4, 16,
                                                                                         "linear", 0.0)
     assert (y.lr, y.rank, y.global_batch_size) == (5e-4, 2, 16)
@@ -610,5 +604,6 @@ def test_mixtral_launch_script_makes_a_valid_run(tmp_path):
     shutil.copy(REPO / "examples" / "tenant.yaml", incoming / "customer-a.yaml")
     for split in ("train", "valid"):
         write_data(incoming / "data" / "customer-a" / f"{split}.jsonl")
-    run = parse_run_config(args, world_size=world)
-    assert [(t.name, t.rank, t.train_iters) for t in run.tenants] == [("customer-a", 16, 2000)]
+    tenant = load_tenant_file(incoming / "customer-a.yaml", run.tenant_defaults)
+    validate_tenant(run, tenant)  # as the job's control-directory reader does
+    assert (tenant.name, tenant.rank, tenant.train_iters) == ("customer-a", 16, 2000)

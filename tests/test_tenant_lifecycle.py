@@ -214,3 +214,47 @@ def test_an_idle_job_waits_for_tenants_to_join(tmp_path):
         assert out["joined"] == ["tenant late: joined at iteration 0, slot 0"]
         assert out["iteration"] == 2 and out["finished"] == ["late"]
         assert out["waits"] == 2  # before it joined, and after it finished
+
+
+def _startup_with_files(cfg: dict) -> dict:
+    """A job (then its resume) started with files already in its control directory: what it runs and notes."""
+    from megatron_multilora import metrics
+    from megatron_multilora.config import load_run_config, validate
+    from megatron_multilora.training import MultiLoRATrainer
+
+    notes = []
+    metrics.MetricsWriter.note = lambda self, line: notes.append(line)  # (a process of its own)
+    out = {}
+    for phase, fields in (("fresh", {}), ("resumed", {"load": cfg["save"]})):
+        notes.clear()
+        trainer = MultiLoRATrainer(validate(load_run_config({**cfg, **fields}), 1))
+        trainer.train_iteration()
+        if phase == "fresh":
+            trainer.train_iteration()
+            trainer.save_checkpoint()
+        out[phase] = dict(running=sorted(trainer.tenants), steps={n: t.steps for n, t in trainer.tenants.items()},
+                          refused=[n for n in ("baddata", "broken", "huge", "typo")
+                                   if any(n in line and "refused" in line for line in notes)])
+        trainer.close()
+    return out
+
+
+def test_files_in_the_control_directory_at_start_are_read_like_later_ones(tmp_path):
+    """A job (re)started with unusable tenant files in its control directory (broken YAML, an unknown key, a rank
+    above max_rank, a data file with a bad line) refuses them with a note and trains the others, as it does with
+    files that appear while it runs: they no longer stop the job, nor its restart with --load."""
+    control = tmp_path / "control"
+    control.mkdir()
+    tr.write_yaml(control / "c.yaml", tr.tenant(tmp_path, "c", rank=2, seed=3, valid=False))
+    (control / "broken.yaml").write_text("name: broken\nrank: [4\n")
+    tr.write_yaml(control / "typo.yaml", {**tr.tenant(tmp_path, "typo", seed=4), "rnak": 4})
+    tr.write_yaml(control / "huge.yaml", tr.tenant(tmp_path, "huge", rank=64, seed=5))
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"text": "fine"}\n{"text": oops}\n')
+    tr.write_yaml(control / "baddata.yaml", {**tr.tenant(tmp_path, "baddata", seed=6), "train_data": str(bad_data)})
+    cfg = tr.run_config([tr.tenant(tmp_path, "b", rank=4, seed=2)], eval_interval=None, tenants_dir=str(control),
+                        save=str(tmp_path / "save"), lora={"max_slots": 3, "max_rank": 8})
+    out = run_world(_startup_with_files, 1, cfg)[0]
+    refused = ["baddata", "broken", "huge", "typo"]
+    assert out["fresh"] == {"running": ["b", "c"], "steps": {"b": 2, "c": 2}, "refused": refused}
+    assert out["resumed"] == {"running": ["b", "c"], "steps": {"b": 3, "c": 3}, "refused": refused}
