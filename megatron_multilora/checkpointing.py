@@ -42,10 +42,16 @@ def load_base(model, directory: str | Path) -> None:
     ``--save`` directory (its latest_checkpointed_iteration.txt names the iteration)."""
     from megatron.core import dist_checkpointing
 
+    from .tenant_checkpoint import CheckpointError
+
     directory = resolve_base_dir(directory)
     sharded = _base_sharded_state_dict(model)
     _match_checkpoint_keys(sharded, directory)
-    state = dist_checkpointing.load(sharded, str(directory))
+    try:
+        state = dist_checkpointing.load(sharded, str(directory))
+    except Exception as e:  # noqa: BLE001 - e.g. another model's shapes: named with the directory, one line
+        raise CheckpointError(f"cannot load the base {directory} into this model: {type(e).__name__}: "
+                              f"{str(e)[:500]}") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".lora_" not in k and not k.endswith("._extra_state")]
     if missing:

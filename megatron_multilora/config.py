@@ -639,16 +639,20 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
     """A RunConfig from a raw mapping (paths already resolved), with ``overrides`` on top. (The tenants of
     ``tenants_dir`` are not among its ``tenants``: the job reads that directory itself, from its first
     iteration on, and refuses a file it cannot use with a note, whenever the file appeared.)"""
-    data = _merge_overrides(data, overrides)
-    _check_keys(RunConfig, data, "")
-    if "model" not in data and data.get("load_base"):
-        # An imported base (convert_checkpoint.py import-hf) or a Megatron-LM checkpoint names its own model.
+    load_base = (overrides or {}).get("load_base", data.get("load_base"))
+    flags = (overrides or {}).get("model")
+    replaced = isinstance(flags, (str, Path)) or (isinstance(flags, dict) and "preset" in flags)
+    if "model" not in data and load_base and not replaced:
+        # An imported base (convert_checkpoint.py import-hf) or a Megatron-LM checkpoint names its own model
+        # (before the overrides, so that --hidden-size & co. change one of its fields, not replace it).
         from .checkpointing import load_base_model_config
 
         try:
-            data = {**data, "model": load_base_model_config(data["load_base"])}
+            data = {**data, "model": load_base_model_config(load_base).to_dict()}
         except FileNotFoundError as e:
             raise ConfigError(f"load_base: {e}") from None
+    data = _merge_overrides(data, overrides)
+    _check_keys(RunConfig, data, "")
     missing = [k for k in _required(RunConfig) if k not in data]
     if missing:
         raise ConfigError(
@@ -896,6 +900,8 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
             resolve_base_dir(run.load_base)
         except (FileNotFoundError, ValueError) as e:
             problems.append(f"load_base: {e}")
+        else:
+            problems += _base_model_problems(run)
     problems += _checkpoint_dir_problems(run)
     for what, path, is_dir in (("save", run.save, True), ("tensorboard_dir", run.tensorboard_dir, True),
                                ("metrics_file", run.metrics_file, False)):
@@ -986,6 +992,28 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
     if load is not None and (load / TRACKER).is_file():
         problems += _base_problems(run, load)
     return problems
+
+
+# Model fields a saved base does not fix: its weights load into any of these.
+_FREE_MODEL_FIELDS = ("params_dtype", "init_method_std", "max_position_embeddings")
+
+
+def _base_model_problems(run: RunConfig) -> list[str]:
+    """The run's model must be the one its --load-base holds (as its model.yaml or Megatron-LM arguments
+    name it): another shape fails to load, and anything else (rotary_base, norm_epsilon, ...) would train on the
+    base's weights with another model's arithmetic, silently."""
+    from .checkpointing import load_base_model_config
+
+    try:
+        theirs = load_base_model_config(run.load_base).to_dict()
+    except (ConfigError, FileNotFoundError):
+        return []  # (a base that does not name its model: the run's model section says it)
+    changed = [f"{k} {theirs[k]!r} -> {v!r}" for k, v in run.model.to_dict().items()
+               if k not in _FREE_MODEL_FIELDS and theirs.get(k) != v]
+    if not changed:
+        return []
+    return [f"load_base: {run.load_base} holds another model than the run's: {', '.join(changed)} (leave the "
+            "model section out to take the base's)"]
 
 
 def base_identity(run: RunConfig) -> dict:

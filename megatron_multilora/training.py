@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -196,7 +196,7 @@ class MultiLoRATrainer:
         spec stored in the checkpoint (exact resume) instead of ``tc``."""
         common = ckpt.load_common(checkpoint, verify=not verified)["tenant"] if checkpoint is not None else None
         if saved_spec:
-            tc = tenant_from_dict(dict(common["spec"]), f"checkpoint {checkpoint}: tenant")
+            tc = self._data_from_config(tenant_from_dict(dict(common["spec"]), f"checkpoint {checkpoint}: tenant"))
         elif common is not None:
             _check_same_adapter(tc, common, checkpoint)
         spec = LoRASpec(
@@ -223,6 +223,18 @@ class MultiLoRATrainer:
         if common is not None:
             self.metrics.note(f"tenant {tc.name}: resumed from {checkpoint} ({steps} steps) into slot {slot}")
         return slot
+
+    def _data_from_config(self, saved: TenantConfig) -> TenantConfig:
+        """A tenant resumed with its checkpoint's spec reads its data where the config now lists it (data
+        directories move; the position in them comes from the checkpoint)."""
+        listed = next((t for t in self.run.tenants if t.name == saved.name), None)
+        paths = ("train_data", "valid_data")
+        if listed is None or all(getattr(listed, k) == getattr(saved, k) for k in paths):
+            return saved
+        self.metrics.note(f"tenant {saved.name}: data read where the config lists it: " + ", ".join(
+            f"{k} {getattr(listed, k)} (was {getattr(saved, k)})" for k in paths
+            if getattr(listed, k) != getattr(saved, k)))
+        return replace(saved, train_data=listed.train_data, valid_data=listed.valid_data)
 
     def release_tenant(self, name: str, *, finished: bool = True) -> None:
         """Free the tenant's slot (weights and optimizer state of that slot only) and admit a queued tenant.

@@ -136,6 +136,22 @@ def _lineage_world(d: str) -> dict:
     out["small_pool_untouched"] = _tree(two_dir) == before
     out["two_dir"], out["two_cfg"] = str(two_dir), cfg
 
+    # The data directory moved after the checkpoint: the resume reads the tenant's data where the config now
+    # lists it (the checkpoint's own paths are gone).
+    moved_dir, data_dir = d / "moved", d / "data-old"
+    m = tr.tenant(data_dir, "m", rank=4, seed=8)
+    cfg = tr.run_config([m], eval_interval=None, save=str(moved_dir))
+    run = _trainer(cfg)
+    run.train_iteration()
+    run.save_checkpoint()
+    run.close()
+    data_dir.rename(d / "data-new")
+    m_new = {**m, **{k: m[k].replace("data-old", "data-new") for k in ("train_data", "valid_data")}}
+    run = _trainer({**cfg, "tenants": [m_new], "load": str(moved_dir)})
+    run.train_iteration()
+    out["moved_steps"], out["moved_data"] = run.tenants["m"].steps, run.tenants["m"].config.train_data
+    run.close()
+
     # A tenant trained in bf16 (fp32 masters in its checkpoint) resumes in an fp32 run: its weights are the
     # masters, bitwise, and it trains on.
     bf_dir = d / "bf16"
@@ -193,6 +209,10 @@ def test_a_pool_too_small_for_the_checkpoint_is_named(lineage):
     msg = lineage["small_pool"]
     assert msg is not None and "lora.max_slots is 1" in msg and "'a' has rank 8 > lora.max_rank 4" in msg
     assert lineage["small_pool_untouched"]
+
+
+def test_a_resume_reads_tenant_data_where_the_config_now_lists_it(lineage):
+    assert lineage["moved_steps"] == 2 and "/data-new/" in lineage["moved_data"]
 
 
 def test_a_tenant_trained_in_bf16_resumes_in_fp32_from_its_masters(lineage):

@@ -572,6 +572,17 @@ def test_an_imported_base_names_its_own_model(raw, tmp_path):
     assert run.model == wanted
     with pytest.raises(ConfigError, match="load_base"):
         load_run_config({**raw, "load_base": str(tmp_path / "nowhere")})
+    # a flag changes one field of the base's model (it replaced the whole section), which validation then
+    # names: the run's model must be the base's, but for what its weights do not fix
+    run = load_run_config({**raw, "load_base": str(base)}, {"model": {"hidden_size": 128}})
+    assert run.model == model_config_from({**wanted.to_dict(), "hidden_size": 128})
+    with pytest.raises(ConfigError, match=r"load_base: .* holds another model than the run's: hidden_size 64 -> "
+                                          r"128 \(leave the model section out"):
+        validate(run, 2)
+    with pytest.raises(ConfigError, match=r"another model than the run.s: rotary_base 500000.0 -> 10000.0 \("):
+        check({**raw, "load_base": str(base), "model": {"preset": "tiny-dense", "num_layers": 2}})
+    free = {"params_dtype": "bfloat16", "max_position_embeddings": 256, "init_method_std": 0.5}
+    check({**raw, "load_base": str(base), "model": {**wanted.to_dict(), **free}})
 
 
 def test_mixtral_launch_script_makes_a_valid_run(tmp_path):
