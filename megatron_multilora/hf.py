@@ -292,7 +292,14 @@ class HFCheckpoint:
         from safetensors import safe_open
 
         self.directory = Path(hf_dir)
-        self._open = lambda path: safe_open(str(path), framework="pt", device="cpu")
+
+        def open_file(path):
+            try:
+                return safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated download, a missing shard
+                raise HFCheckpointError(f"cannot read {path}: {e} (an incomplete download?)") from None
+
+        self._open = open_file
         index = self.directory / "model.safetensors.index.json"
         self._files: dict[str, Path] = {}
         if index.is_file():
@@ -324,7 +331,10 @@ class HFCheckpoint:
         path = self._files[name]
         if path not in self._handles:
             self._handles[path] = self._open(path).__enter__()
-        return self._handles[path].get_tensor(name)
+        try:
+            return self._handles[path].get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - as in open_file
+            raise HFCheckpointError(f"cannot read {name} from {path}: {e} (an incomplete download?)") from None
 
 
 class _Tracked:

@@ -19,7 +19,7 @@ def _quiet_known_warnings() -> None:
     """megatron-core warns at import about optional GPU packages (apex, transformer-engine) and torch about
     collective names megatron uses; on every rank, at every start. Our own warnings stay."""
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core(\..*)?")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed|megatron\.core)(\..*)?")
 
 
 def main(argv=None) -> int:
@@ -52,9 +52,13 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             code = 2
         elif isinstance(e, KeyboardInterrupt):  # saved checkpoints are complete or never promoted (atomic)
+            saved = "no checkpoint saved"
             if trainer is not None:
                 trainer.metrics.close()  # what TensorBoard still buffers
-            print("interrupted", file=sys.stderr)
+                if trainer._saved_iteration is not None:
+                    saved = f"latest checkpoint: iteration {trainer._saved_iteration} in {run.save or run.load}"
+                saved = f"at iteration {trainer.iteration}; {saved}"
+            print(f"interrupted {saved}", file=sys.stderr)
             code = 130
         else:
             traceback.print_exc()

@@ -239,6 +239,10 @@ class MultiLoRATrainer:
     def release_tenant(self, name: str, *, finished: bool = True) -> None:
         """Free the tenant's slot (weights and optimizer state of that slot only) and admit a queued tenant.
         ``finished=False`` (a stopped tenant): it may join again later."""
+        if name not in self.tenants:
+            state = "queued (stop_tenant drops it from the queue)" if any(q.name == name for q in self.queue) \
+                else "not running"
+            raise SlotError(f"tenant {name!r} holds no slot: it is {state}")
         tenant = self.tenants.pop(name)
         self.source.remove_tenant(name)
         self.table.release(name)
@@ -574,7 +578,7 @@ class MultiLoRATrainer:
             "tenants": {n: {"slot": t.slot, "iteration": self.iteration} for n, t in self.tenants.items()},
             "queue": [q.to_dict() for q in self.queue], "finished": list(self.finished),
             "data": {"iteration": data["iteration"], "last_step": data["last_step"]},
-            "layout": self._layout(),
+            "layout": self._layout(), "train_iters": self.run.train_iters,
         }
 
     def _layout(self) -> dict:
@@ -660,6 +664,7 @@ class MultiLoRATrainer:
                 self.add_tenant(tc)
             elif tc.name in self.tenants:  # resumed exactly, with its checkpoint's spec: say what is not applied
                 self._note_unapplied(tc, self.tenants[tc.name].config)
+        self._note_schedule_change(state.get("train_iters"))
         if state["layout"] == self._layout():
             loaded = ckpt.load_sharded(run_dir, {"rng_state": ckpt.rng_sharded_object()},
                                        strict="assume_ok_unexpected", verify=False)
@@ -689,6 +694,18 @@ class MultiLoRATrainer:
                 problems.append(f"tenant {name!r} adapts {missing}, not in lora.target_modules")
         if problems:
             raise ckpt.CheckpointError(f"cannot resume {run_dir}: " + "; ".join(problems))
+
+    def _note_schedule_change(self, saved_train_iters: int | None) -> None:
+        """A tenant without its own train_iters / lr_decay_iters decays its learning rate over the run's
+        train_iters: a resume with another --train-iters moves its schedule (Megatron-LM refuses that unless told;
+        here it is allowed, and said)."""
+        if saved_train_iters in (None, self.run.train_iters):
+            return
+        moved = sorted(n for n, t in self.tenants.items() if t.config.lr_decay_style != "constant"
+                       and t.config.lr_decay_iters is None and t.config.train_iters is None)
+        if moved:
+            self.metrics.note(f"train_iters {saved_train_iters} -> {self.run.train_iters}: the learning-rate decay of "
+                              f"{moved} follows the new length from here (set lr_decay_iters to keep a schedule)")
 
     def _note_unapplied(self, tc: TenantConfig, saved: TenantConfig) -> None:
         """A run resumes each tenant exactly, with the spec its checkpoint holds (as a running tenant keeps its

@@ -32,8 +32,12 @@ def _tree(root: Path) -> dict:
 
 def _lineage_world(d: str) -> dict:
     """The scenarios, one trainer after another in one process."""
+    from megatron_multilora import metrics
     from megatron_multilora import tenant_checkpoint as ckpt
+    from megatron_multilora.lora.slots import SlotError
 
+    notes = []
+    metrics.MetricsWriter.note = lambda self, line: notes.append(line)  # (a process of its own)
     d, out = Path(d), {}
     x = tr.tenant(d, "x", rank=4, seed=1, valid=False)
 
@@ -126,6 +130,10 @@ def _lineage_world(d: str) -> dict:
     two = _trainer(cfg)
     two.train_iteration()
     two.save_checkpoint()
+    try:
+        two.release_tenant("nobody")
+    except SlotError as e:
+        out["release_unknown"] = str(e)
     two.close()
     before = _tree(two_dir)
     try:
@@ -135,6 +143,11 @@ def _lineage_world(d: str) -> dict:
         out["small_pool"] = str(e)
     out["small_pool_untouched"] = _tree(two_dir) == before
     out["two_dir"], out["two_cfg"] = str(two_dir), cfg
+
+    # A resume with a longer --train-iters: the tenants whose decay follows the run's length are named.
+    notes.clear()
+    _trainer({**cfg, "load": str(two_dir), "save": str(d / "longer"), "train_iters": 20}).close()
+    out["longer_notes"] = [n for n in notes if "train_iters 8 -> 20" in n]
 
     # The data directory moved after the checkpoint: the resume reads the tenant's data where the config now
     # lists it (the checkpoint's own paths are gone).
@@ -209,6 +222,14 @@ def test_a_pool_too_small_for_the_checkpoint_is_named(lineage):
     msg = lineage["small_pool"]
     assert msg is not None and "lora.max_slots is 1" in msg and "'a' has rank 8 > lora.max_rank 4" in msg
     assert lineage["small_pool_untouched"]
+
+
+def test_a_longer_train_iters_on_resume_names_the_schedules_it_moves(lineage):
+    assert len(lineage["longer_notes"]) == 1 and "['a', 'x']" in lineage["longer_notes"][0]
+
+
+def test_releasing_a_tenant_without_a_slot_is_named(lineage):
+    assert lineage["release_unknown"] == "tenant 'nobody' holds no slot: it is not running"
 
 
 def test_a_resume_reads_tenant_data_where_the_config_now_lists_it(lineage):

@@ -7,6 +7,7 @@ directory of the imported Llama loads too."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,20 @@ def test_missing_tensor_is_named(results):
     del state["model.layers.1.self_attn.k_proj.weight"]
     with pytest.raises(hf.HFCheckpointError, match="lacks model.layers.1.self_attn.k_proj.weight"):
         hf.convert_hf_state_dict(state, config, hf.model_config_from_hf(config))
+
+
+def test_a_truncated_safetensors_file_is_named(results, tmp_path, capsys):
+    """(A half-finished download: the safetensors library's own error, with no file name, was a traceback.)"""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert_checkpoint
+    finally:
+        sys.path.pop(0)
+    broken = tmp_path / "hf"
+    shutil.copytree(results["hf_dirs"]["mixtral"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert convert_checkpoint.main(["import-hf", "--hf-dir", str(broken), "--save", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot read {weights}" in err and "an incomplete download?" in err
+    assert "Traceback" not in err

@@ -895,7 +895,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                     help="auto: process CPU time on a CPU with --threads 1 (robust on a shared machine), else wall")
-    ap.add_argument("--out", default=None, help="directory for bench.json and bench.png")
+    ap.add_argument("--out", default=None,
+                    help="directory for bench.json and bench.png (the plot needs matplotlib: requirements-test.txt)")
     ap.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     ap.add_argument("--malloc", choices=("default", "tuned"), default="tuned",
                     help="tuned (default): re-run under glibc settings that keep freed memory for reuse ("
@@ -908,7 +909,10 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:],
                   {**os.environ, **TUNED_MALLOC})
-    args.cases = sorted({int(c) for c in args.cases.split(",") if c.strip()})
+    try:
+        args.cases = sorted({int(c) for c in args.cases.split(",") if c.strip()})
+    except ValueError:
+        ap.error(f"--cases: comma-separated case numbers, got {args.cases!r}")
     bad = [c for c in args.cases if c not in ALL_CASES]
     if bad:
         ap.error(f"unknown cases {bad}; known: {ALL_CASES}")
