@@ -444,8 +444,9 @@ def test_expert_linear_matches_per_expert_reference(monkeypatch, case, padded):
     b_ws = [torch.nn.Parameter(torch.randn(6, d_out, 8, generator=gen)) for _ in range(experts)]
     x, gy = torch.randn(n, d_in, generator=gen), torch.randn(n, d_out, generator=gen)
     segments = [ops.Segment(slot, start, end, rank, scale, 0.5, e) for e, slot, start, end, rank, scale in segs]
-    # a deterministic stand-in for dropout, so the LoRA's own input is checked exactly
-    monkeypatch.setattr(torch.nn.functional, "dropout", lambda t, p, training=True: t * (1 - p))
+    # a deterministic stand-in for dropout's mask (x * keep / (1 - p) = x * (1 - p)), so the LoRA's own input is
+    # checked exactly
+    monkeypatch.setattr(ops, "_keep_mask", lambda shape, p, like: torch.full(shape, (1 - p) ** 2))
 
     sentinel = 7.0
     for training in (False, True):

@@ -264,6 +264,11 @@ class _ExpandAdd(torch.autograd.Function):
         return grad_out, grad_h, None, None, None
 
 
+def _keep_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor:
+    """1 where dropout keeps an element (probability 1 - p), else 0."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p)
+
+
 def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool, shard=None) -> torch.Tensor:
     """Each slot's own LoRA dropout on its rows of x [L, N, d] (the base path never sees it). Masks are drawn
     sample by sample ([N, L, d] order), so the sequence-major and token-major layouts get the same ones.
@@ -281,8 +286,7 @@ def segment_dropout(x: torch.Tensor, segments: list[Segment], training: bool, sh
             whole = [seq, n, d]
             if shard is not None:
                 whole[shard[0]] *= shard[2]
-            keep = torch.empty(whole[1], whole[0], whole[2], dtype=x.dtype, device=x.device)
-            keep = keep.bernoulli_(1.0 - s.dropout).transpose(0, 1)
+            keep = _keep_mask((whole[1], whole[0], whole[2]), s.dropout, x).transpose(0, 1)
             if shard is not None:
                 keep = keep.narrow(shard[0], shard[1] * rows.shape[shard[0]], rows.shape[shard[0]])
             out[:, s.start:s.end] = rows * keep.div_(1.0 - s.dropout)
