@@ -2,7 +2,8 @@
 
 Only flags actually given override the YAML (paths given on the command line are relative to the working
 directory; paths in the YAML to the YAML's directory). Tenants come from the YAML's ``tenants`` list and / or
-``--tenants-dir`` (one YAML file per tenant). Per-tenant optimizer flags (``--lr``, ``--global-batch-size``,
+``--tenants-dir`` (one YAML file per tenant, read by the job at every iteration boundary). Per-tenant optimizer
+flags (``--lr``, ``--global-batch-size``,
 ...) are *defaults* for tenants that do not set the field themselves.
 
     from megatron_multilora.arguments import parse_run_config
@@ -191,8 +192,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer.json (or a directory holding one), or 'byte' (default: byte)")
     g.add_argument("--tenants-dir", metavar="DIR",
-                   help="directory of tenant YAML files (one per tenant, name = file stem unless set); "
-                        "added to the config's tenants")
+                   help="directory of tenant YAML files (one per tenant, name = file stem unless set), read "
+                        "at every iteration boundary from the first on: tenants join, and leave with <name>.stop")
     g.add_argument("--tenants-dir-idle-wait", type=float, metavar="SECONDS",
                    help="with --tenants-dir, how long a job with no tenant running or queued waits for one to "
                         "join before it ends (idle, it holds no tenant state: stopping it loses nothing)"

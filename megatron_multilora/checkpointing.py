@@ -118,9 +118,11 @@ def save_model_config(directory: str | Path, model_config, header: str | None = 
     return path
 
 
-def load_base_model_config(directory: str | Path):
+def load_base_model_config(directory: str | Path, required: bool = True):
     """The ModelConfig of a base checkpoint: its ``model.yaml`` (written by ``convert_checkpoint.py
-    import-hf``), else the model arguments a Megatron-LM checkpoint stores in its common.pt."""
+    import-hf``), else the model arguments a Megatron-LM checkpoint stores in its common.pt. A base that names no
+    model (no model.yaml, no readable arguments) is an error, or None when not ``required``; a model it names
+    that is broken or not representable is an error either way."""
     from .config import ConfigError, model_config_from
 
     directory = Path(directory)
@@ -128,8 +130,15 @@ def load_base_model_config(directory: str | Path):
     for path in (resolved / MODEL_CONFIG_FILE, directory / MODEL_CONFIG_FILE):
         if path.exists():
             return model_config_from(str(path))
-    args = _megatron_lm_args(resolved)
+    try:
+        args = _megatron_lm_args(resolved)
+    except ConfigError:
+        if required:
+            raise
+        return None
     if args is None:
+        if not required:
+            return None
         raise ConfigError(
             f"base checkpoint {directory} has no {MODEL_CONFIG_FILE} and no Megatron-LM arguments: give the "
             "run a model section"

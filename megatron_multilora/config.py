@@ -648,9 +648,11 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
         from .checkpointing import load_base_model_config
 
         try:
-            data = {**data, "model": load_base_model_config(load_base).to_dict()}
+            model = load_base_model_config(load_base, required=flags is None)
         except FileNotFoundError as e:
             raise ConfigError(f"load_base: {e}") from None
+        if model is not None:
+            data = {**data, "model": model.to_dict()}
     data = _merge_overrides(data, overrides)
     _check_keys(RunConfig, data, "")
     missing = [k for k in _required(RunConfig) if k not in data]
@@ -994,8 +996,10 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
     return problems
 
 
-# Model fields a saved base does not fix: its weights load into any of these.
-_FREE_MODEL_FIELDS = ("params_dtype", "init_method_std", "max_position_embeddings")
+# Model fields the base's weights do not depend on (RoPE has no weights; a bf16 run resumes in fp32), and the
+# one only a random base does (a saved base was drawn already).
+_FREE_MODEL_FIELDS = ("params_dtype", "max_position_embeddings")
+_RANDOM_BASE_FIELDS = ("init_method_std",)
 
 
 def _base_model_problems(run: RunConfig) -> list[str]:
@@ -1005,11 +1009,14 @@ def _base_model_problems(run: RunConfig) -> list[str]:
     from .checkpointing import load_base_model_config
 
     try:
-        theirs = load_base_model_config(run.load_base).to_dict()
-    except (ConfigError, FileNotFoundError):
-        return []  # (a base that does not name its model: the run's model section says it)
+        theirs = load_base_model_config(run.load_base, required=False)
+    except ConfigError as e:
+        return [f"load_base: {e}"]
+    if theirs is None:
+        return []  # (a base that names no model: the run's model section says what it is)
+    theirs = theirs.to_dict()
     changed = [f"{k} {theirs[k]!r} -> {v!r}" for k, v in run.model.to_dict().items()
-               if k not in _FREE_MODEL_FIELDS and theirs.get(k) != v]
+               if k not in _FREE_MODEL_FIELDS + _RANDOM_BASE_FIELDS and theirs.get(k) != v]
     if not changed:
         return []
     return [f"load_base: {run.load_base} holds another model than the run's: {', '.join(changed)} (leave the "
@@ -1020,10 +1027,17 @@ def base_identity(run: RunConfig) -> dict:
     """What the frozen base of ``run`` is built from, as its run checkpoints record it: the model and a saved
     base's directory, or, for a random base, the seed and model-parallel layout that draw it (either of them
     changed draws another base)."""
-    model = {k: v for k, v in run.model.to_dict().items() if k != "params_dtype"}  # (a bf16 run resumes in fp32)
+    model = {k: v for k, v in run.model.to_dict().items() if k not in _FREE_MODEL_FIELDS}
     if run.load_base is not None:
-        model.pop("init_method_std")
-        return {"model": model, "load_base": str(Path(run.load_base).resolve())}
+        from .checkpointing import resolve_base_dir
+
+        for k in _RANDOM_BASE_FIELDS:
+            model.pop(k)
+        try:  # (a Megatron-LM --save directory: the iteration its pointer names)
+            where = resolve_base_dir(run.load_base)
+        except (FileNotFoundError, ValueError):
+            where = Path(run.load_base)
+        return {"model": model, "load_base": str(where.resolve())}
     return {"model": model, "load_base": None, "seed": run.seed, "layout": [
         run.tensor_model_parallel_size, run.pipeline_model_parallel_size, run.expert_model_parallel_size]}
 

@@ -473,11 +473,9 @@ def apply_adapter_state(loaded: dict, entries, slot: int, rank: int, optimizer=N
     state = optimizer.slot_state(slot)  # called right after reset_slot: zero moments, masters = weights
     for e in entries:
         for prefix, opt_key in _OPT_KEYS.items():
-            full = state.get(f"{e.param_name}.{opt_key}")
-            if full is None:  # (masters: an fp32 parameter has none)
-                continue
-            if opt_key == "master" and not with_master:
-                continue
+            if opt_key == "master" and (not with_master or f"{e.param_name}.master" not in state):
+                continue  # (an fp32 parameter keeps no master)
+            full = state[f"{e.param_name}.{opt_key}"]
             full.zero_()
             piece = _slice_rank(e.which, full, rank)
             piece.copy_(loaded[f"optimizer.state.{prefix}.{e.key}"].reshape(piece.shape))

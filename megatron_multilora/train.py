@@ -56,7 +56,7 @@ def main(argv=None) -> int:
             if trainer is not None:
                 trainer.metrics.close()  # what TensorBoard still buffers
                 if trainer._saved_iteration is not None:
-                    saved = f"latest checkpoint: iteration {trainer._saved_iteration} in {run.save or run.load}"
+                    saved = f"latest checkpoint: iteration {trainer._saved_iteration}"
                 saved = f"at iteration {trainer.iteration}; {saved}"
             print(f"interrupted {saved}", file=sys.stderr)
             code = 130

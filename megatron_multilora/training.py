@@ -110,8 +110,6 @@ class MultiLoRATrainer:
         # exists. (The control directory's tenants are read when they start.)
         self._preloaded: dict[tuple[str, bool], TenantDataset] = {}
         for tc in run.tenants:
-            if getattr(tc, "_source", None) is not None:
-                continue
             for path, pack in ((tc.train_data, run.pack_sequences), (tc.valid_data, False)):
                 if path is not None:
                     self._preloaded[(path, pack)] = self._dataset(path, pack)
@@ -256,8 +254,9 @@ class MultiLoRATrainer:
             except (ckpt.CheckpointError, ConfigError, DataError, SlotError, ValueError) as e:
                 self.metrics.note(f"tenant {queued.name}: cannot leave the queue: {e}")
             else:
-                self.metrics.note(f"tenant {queued.name}: left the queue for slot {self.tenants[queued.name].slot} "
-                                  f"at iteration {self.iteration}")
+                if queued.name in self.tenants:  # (else finished at once: its checkpoint was complete)
+                    self.metrics.note(f"tenant {queued.name}: left the queue for slot "
+                                      f"{self.tenants[queued.name].slot} at iteration {self.iteration}")
 
     def _tenant_done(self, tenant: Tenant) -> bool:
         own = tenant.config.train_iters
@@ -564,8 +563,10 @@ class MultiLoRATrainer:
                     meta = ckpt.read_manifest(root / ckpt.iter_name(it)).get("meta", {})
                     if it > self.iteration and meta.get("run_id") == self.run_id:
                         continue
-                    if key is None or (meta.get("saved_at", 0.0), it) > key:
-                        newest, key = str(root / ckpt.iter_name(it)), (meta.get("saved_at", 0.0), it)
+                    # (a checkpoint without saved_at, e.g. written by import-peft: its manifest's time)
+                    saved_at = meta.get("saved_at") or (root / ckpt.iter_name(it) / ckpt.MANIFEST).stat().st_mtime
+                    if key is None or (saved_at, it) > key:
+                        newest, key = str(root / ckpt.iter_name(it)), (saved_at, it)
             return newest
 
         found = ckpt.on_rank0(find)
@@ -665,6 +666,7 @@ class MultiLoRATrainer:
             elif tc.name in self.tenants:  # resumed exactly, with its checkpoint's spec: say what is not applied
                 self._note_unapplied(tc, self.tenants[tc.name].config)
         self._note_schedule_change(state.get("train_iters"))
+        self._note_base_change(run_dir)
         if state["layout"] == self._layout():
             loaded = ckpt.load_sharded(run_dir, {"rng_state": ckpt.rng_sharded_object()},
                                        strict="assume_ok_unexpected", verify=False)
@@ -694,6 +696,15 @@ class MultiLoRATrainer:
                 problems.append(f"tenant {name!r} adapts {missing}, not in lora.target_modules")
         if problems:
             raise ckpt.CheckpointError(f"cannot resume {run_dir}: " + "; ".join(problems))
+
+    def _note_base_change(self, run_dir) -> None:
+        """Validation refuses a resume on another model or random base; a saved base at another directory may be
+        a copy of the same one, or another with the same shapes (a base vs an instruct model): said."""
+        saved = ckpt.on_rank0(lambda: ckpt.read_manifest(run_dir).get("meta", {}).get("base"))
+        mine = base_identity(self.run)["load_base"]
+        if saved is not None and mine is not None and saved["load_base"] != mine:
+            self.metrics.note(f"the tenants were trained on {saved['load_base'] or 'a random base'}; this run loads "
+                              f"the base in {mine}: it must be the same weights")
 
     def _note_schedule_change(self, saved_train_iters: int | None) -> None:
         """A tenant without its own train_iters / lr_decay_iters decays its learning rate over the run's

@@ -1,8 +1,10 @@
-"""Which checkpoint a tenant comes back from, what a run may overwrite, and what pruning keeps: a tenant re-joins
-from its most recent checkpoint whatever directory and iteration number it has; a tenant whose checkpoint already
-did its train_iters is not trained again; a run never writes over another run's checkpoints or pointer, even when
-a program builds the trainer without validation; pruning keeps every tenant checkpoint a kept run checkpoint
-resumes from; a pool too small for the checkpoint and garbled checkpoint files are named, not tracebacks."""
+"""Which checkpoint a tenant comes back from, what a run may overwrite, what pruning keeps, and what a resume
+may change: a tenant re-joins from its most recent checkpoint whatever directory and iteration number it has; a
+tenant whose checkpoint already did its train_iters is not trained again (nor when it leaves the queue); a run
+never writes over another run's checkpoints or pointer, even when a program builds the trainer without
+validation; pruning keeps every tenant checkpoint a kept run checkpoint resumes from; a resume on another base
+or model is refused before any model exists; moved data, a longer --train-iters, bf16 -> fp32 are taken (and
+said); a pool too small for the checkpoint and garbled checkpoint files are named, not tracebacks."""
 
 from __future__ import annotations
 
@@ -91,6 +93,14 @@ def _lineage_world(d: str) -> dict:
     relaunch.train_iteration()
     out["b_untouched"] = _tree(done_dir / "tenants" / "b") == before
     relaunch.close()
+    # ... and the same when b waits in the queue (one slot) and leaves it as q finishes
+    q = tr.tenant(d, "q", rank=4, seed=9, valid=False, train_iters=1, lr_warmup_iters=0)
+    queued = _trainer({**cfg, "tenants": [q, b], "load": str(done_dir),
+                       "lora": {"max_slots": 1, "max_rank": 8, "queue": True}})
+    out["queue_before"] = [t.name for t in queued.queue]
+    queued.train_iteration()
+    out["queue_after"], out["queue_finished"] = sorted(queued.tenants), list(queued.finished)
+    queued.close()
 
     # A program building a trainer without validation, fresh, with --save = another run's directory: refused
     # before it writes anything; that run's files and pointer stay as they were.
@@ -116,12 +126,10 @@ def _lineage_world(d: str) -> dict:
     runs = ckpt.complete_iterations(ckpt.run_root(keep_dir))
     out["kept_runs"] = runs
     out["kept_x"] = ckpt.complete_iterations(ckpt.tenant_root(keep_dir, "x"))
-    referenced = []
-    for it in runs:
-        state = json.loads((ckpt.run_root(keep_dir) / ckpt.iter_name(it) / "manifest.json").read_text())
-        referenced.append(state["meta"]["iteration"])
-    out["kept_runs_resumable"] = all(
-        (ckpt.tenant_root(keep_dir, "x") / ckpt.iter_name(it) / "manifest.json").is_file() for it in referenced)
+    referenced = [ckpt.tenant_root(keep_dir, name) / ckpt.iter_name(info["iteration"]) for it in runs
+                  for name, info in ckpt.load_common(ckpt.run_root(keep_dir) / ckpt.iter_name(it))["run"]
+                  ["tenants"].items()]  # what resuming each kept run checkpoint reads
+    out["kept_runs_resumable"] = len(referenced) == 2 and all(ckpt.verify_checkpoint(p) for p in referenced)
 
     # Resuming a checkpoint of 2 running tenants (x rank 4, a rank 8) with lora.max_slots 1 and max_rank 4 (the
     # config lists x alone, so validation has nothing to say): named, nothing changed.
@@ -143,6 +151,16 @@ def _lineage_world(d: str) -> dict:
         out["small_pool"] = str(e)
     out["small_pool_untouched"] = _tree(two_dir) == before
     out["two_dir"], out["two_cfg"] = str(two_dir), cfg
+    # The random base saved and given as --load-base: allowed, and the log says the weights must be the same.
+    from megatron_multilora import checkpointing
+
+    two = _trainer({**cfg, "load": str(two_dir), "save": str(d / "two-saved")})
+    checkpointing.save_base(two.model, d / "base")
+    two.close()
+    notes.clear()
+    _trainer({**cfg, "load": str(two_dir), "save": str(d / "two-based"), "load_base": str(d / "base")}).close()
+    out["base_notes"] = [n for n in notes if "it must be the same weights" in n]
+    out["saved_base"] = str(d / "base")
 
     # A resume with a longer --train-iters: the tenants whose decay follows the run's length are named.
     notes.clear()
@@ -205,6 +223,8 @@ def test_a_tenant_whose_checkpoint_is_complete_is_not_trained_again(lineage):
     assert lineage["died_finished"] == ["b"]
     assert lineage["relaunch_running"] == ["a"] and lineage["relaunch_finished"] == ["b"]
     assert lineage["b_untouched"], "the finished tenant's checkpoints changed"
+    assert lineage["queue_before"] == ["b"]
+    assert lineage["queue_after"] == [] and lineage["queue_finished"] == ["q", "b"]
 
 
 def test_a_program_cannot_write_a_new_run_over_another_runs_checkpoints(lineage):
@@ -266,7 +286,8 @@ def test_a_resume_on_another_base_is_refused_before_any_model_is_built(lineage, 
     assert drawn in problems(seed=8) and "(seed 8, TP1 PP1 EP1)" in problems(seed=8)
     assert drawn in problems(2, pipeline_model_parallel_size=2)
     assert "another model: hidden_size 64 -> 128" in problems(model={"preset": "tiny-dense", "hidden_size": 128})
-    assert "was trained on" not in problems(load_base=str(tmp_path))  # (what it names: not a base directory)
+    assert problems(load_base=lineage["saved_base"]) == ""  # the random base, saved (a note says so at resume)
+    assert "trained on a random base; this run loads the base in" in lineage["base_notes"][0]
 
     # a run trained on a saved base (its identity written as save_checkpoint writes it), resumed without it
     based = tmp_path / "based"
