@@ -329,3 +329,17 @@ def test_a_truncated_safetensors_file_is_named(results, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: cannot read {weights}" in err and "an incomplete download?" in err
     assert "Traceback" not in err
+
+
+def test_a_missing_output_or_model_source_is_named_like_other_errors(tmp_path, capsys):
+    """(They ended with SystemExit: exit code 1 and another message format than every other error.)"""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert_checkpoint
+    finally:
+        sys.path.pop(0)
+    assert convert_checkpoint.main(["import-hf", "--hf-dir", str(tmp_path)]) == 2
+    assert "error: import-hf: --save DIR is required" in capsys.readouterr().err
+    assert convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(tmp_path), "--out",
+                                    str(tmp_path / "out")]) == 2
+    assert "error: export-peft: the model's shape is needed: give --base" in capsys.readouterr().err

@@ -81,7 +81,7 @@ def run_import_hf(args) -> int:
         print(yaml.safe_dump(mc.to_dict(), sort_keys=False), end="")
         return 0
     if args.save is None:
-        raise SystemExit("import-hf: --save DIR is required (or --print-config)")
+        raise ValueError("import-hf: --save DIR is required (or --print-config)")
     mc = hf.import_hf(args.hf_dir, args.save, params_dtype=args.params_dtype, log=_log)
     _log(
         f"done: {args.save} ({mc.num_layers} layers, hidden {mc.hidden_size}"
@@ -114,7 +114,7 @@ def _model_source(args):
         return checkpointing.load_base_model_config(args.base), None
     if getattr(args, "model", None) is not None:
         return model_config_from(args.model), None
-    raise SystemExit(
+    raise ValueError(
         f"{args.command}: the model's shape is needed: give --base BASE_DIR (its model.yaml), --hf-dir HF_DIR "
         "(its config.json)" + (" or --model PRESET_OR_YAML" if hasattr(args, "model") else "")
     )
