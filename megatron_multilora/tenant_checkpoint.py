@@ -403,7 +403,8 @@ def _slice_rank(which: str, per_slot: torch.Tensor, rank: int) -> torch.Tensor:
     return per_slot[:rank] if which == "a" else per_slot[:, :rank]
 
 
-_OPT_KEYS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "fp32_param": "master"}
+_MASTER_PREFIX = "fp32_param"  # (Megatron-LM's name for the fp32 master copy of a bf16 / fp16 parameter)
+_OPT_KEYS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", _MASTER_PREFIX: "master"}
 
 
 @dataclass
@@ -466,7 +467,7 @@ def apply_adapter_state(loaded: dict, entries, slot: int, rank: int, optimizer=N
         param[slot].zero_()
         weights = loaded[e.key]
         if with_master and param.dtype == torch.float32:
-            weights = loaded[f"optimizer.state.fp32_param.{e.key}"]
+            weights = loaded[f"optimizer.state.{_MASTER_PREFIX}.{e.key}"]
         target.copy_(weights.reshape(target.shape).to(param.dtype))
     if optimizer is None:
         return
