@@ -224,7 +224,7 @@ class TenantConfig:
     train_iters: int | None = None  # this tenant's own optimizer steps; None = until the run (or max_epochs) ends
     max_epochs: int | None = None
     valid_data: str | None = None  # None: the tenant is not evaluated
-    seed: int | None = None  # None -> the run's seed
+    seed: int | None = None  # its data order (None -> the run's seed); initial weights: run seed, name, layer
 
     def __post_init__(self):
         if self.alpha is None and isinstance(self.rank, int) and not isinstance(self.rank, bool):

@@ -665,6 +665,10 @@ class MultiLoRATrainer:
                 self.add_tenant(tc)
             elif tc.name in self.tenants:  # resumed exactly, with its checkpoint's spec: say what is not applied
                 self._note_unapplied(tc, self.tenants[tc.name].config)
+            else:  # queued (with the config it had when it was queued), or finished
+                queued = next((q for q in self.queue if q.name == tc.name), None)
+                if queued is not None:
+                    self._note_unapplied(tc, queued)
         self._note_schedule_change(state.get("train_iters"))
         self._note_base_change(run_dir)
         if state["layout"] == self._layout():
@@ -719,8 +723,9 @@ class MultiLoRATrainer:
                               f"{moved} follows the new length from here (set lr_decay_iters to keep a schedule)")
 
     def _note_unapplied(self, tc: TenantConfig, saved: TenantConfig) -> None:
-        """A run resumes each tenant exactly, with the spec its checkpoint holds (as a running tenant keeps its
-        own when its control file changes): the log names the config's edits, which are not applied."""
+        """A run resumes each tenant exactly, with the spec its checkpoint holds (a queued one: the config it was
+        queued with; as a running tenant keeps its own when its control file changes): the log names the
+        config's edits, which are not applied."""
         changes = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(tc, f.name)!r}"
                    for f in fields(TenantConfig) if getattr(tc, f.name) != getattr(saved, f.name)]
         if changes:

@@ -98,9 +98,15 @@ def _lineage_world(d: str) -> dict:
     queued = _trainer({**cfg, "tenants": [q, b], "load": str(done_dir),
                        "lora": {"max_slots": 1, "max_rank": 8, "queue": True}})
     out["queue_before"] = [t.name for t in queued.queue]
+    queued.save_checkpoint()  # (iteration 0: b queued)
     queued.train_iteration()
     out["queue_after"], out["queue_finished"] = sorted(queued.tenants), list(queued.finished)
     queued.close()
+    # resuming that checkpoint with b edited in the config: b stays queued as it was, and the log says so
+    notes.clear()
+    _trainer({**cfg, "tenants": [q, {**b, "lr": 0.02}], "load": str(done_dir),
+              "lora": {"max_slots": 1, "max_rank": 8, "queue": True}}).close()
+    out["queued_edit_notes"] = [n for n in notes if "not applied" in n]
 
     # A program building a trainer without validation, fresh, with --save = another run's directory: refused
     # before it writes anything; that run's files and pointer stay as they were.
@@ -225,6 +231,8 @@ def test_a_tenant_whose_checkpoint_is_complete_is_not_trained_again(lineage):
     assert lineage["b_untouched"], "the finished tenant's checkpoints changed"
     assert lineage["queue_before"] == ["b"]
     assert lineage["queue_after"] == [] and lineage["queue_finished"] == ["q", "b"]
+    edits = lineage["queued_edit_notes"]
+    assert len(edits) == 1 and "tenant 'b'" in edits[0] and "lr 0.005 -> 0.02" in edits[0], edits
 
 
 def test_a_program_cannot_write_a_new_run_over_another_runs_checkpoints(lineage):
