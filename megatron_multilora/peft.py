@@ -331,6 +331,10 @@ def _pattern_value(patterns: Mapping, key: str, default):
     return default
 
 
+# init_lora_weights values whose adapters PEFT applies to a base it re-initialises at load (residual base)
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
 def _check_config(config: Mapping) -> None:
     problems = []
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
@@ -344,6 +348,12 @@ def _check_config(config: Mapping) -> None:
     for key in ("modules_to_save", "trainable_token_indices", "layer_replication"):
         if config.get(key):
             problems.append(f"{key}={config[key]!r} (only LoRA on linear layers is imported)")
+    if config.get("alora_invocation_tokens"):
+        problems.append("alora_invocation_tokens set (aLoRA applies the adapter only after those tokens)")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        problems.append(f"init_lora_weights={config['init_lora_weights']!r} (PEFT changes the base weights at load "
+                        "for it: convert the adapter to plain LoRA first, path_initial_model_for_weight_conversion)")
     if problems:
         raise PeftFormatError("cannot import this PEFT adapter: " + "; ".join(problems))
 

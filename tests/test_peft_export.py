@@ -11,6 +11,7 @@ resumes an imported tenant from its checkpoint."""
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 import warnings
@@ -410,3 +411,27 @@ def test_an_adapter_and_a_base_of_different_depth_are_refused(results):
         _, got = P.import_peft((limited, state), deeper, MAX_RANK)
         assert all(not b.any() for name, (_, b) in got.items() if ".layers.2." in name or ".layers.3." in name)
         assert any(b.any() for name, (_, b) in got.items() if ".layers.1." in name)
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens set (aLoRA"),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' (PEFT changes the base weights"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+    ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq'"),
+    ({"use_dora": True}, "use_dora=true (DoRA"),
+    ({"bias": "lora_only"}, "bias='lora_only'"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head']"),
+])
+def test_adapters_that_are_not_plain_lora_are_refused_by_name(results, change, named):
+    """PEFT variants that add no tensors of their own (aLoRA applies the adapter only after its invocation
+    tokens; PiSSA / OLoRA / LoftQ / CorDA / LoRA-GA adapters are applied to a base PEFT re-initialises at load)
+    imported as plain LoRA without a word, and gave other logits than PEFT's."""
+    from megatron_multilora import peft as P
+    from megatron_multilora.checkpointing import load_base_model_config
+
+    mc = load_base_model_config(results["root"] / "base_llama")
+    config, state = P.read_peft_dir(results["out"]["files"][("llama", "lo")])
+    with pytest.raises(P.PeftFormatError, match=re.escape(named)):
+        P.import_peft(({**config, **change}, state), mc, MAX_RANK)
+    for harmless in (True, False, "gaussian", "eva"):  # initialisations of the adapter alone
+        P.import_peft(({**config, "init_lora_weights": harmless}, state), mc, MAX_RANK)
