@@ -73,6 +73,24 @@ class TenantsDirWatcher:
 
         return set(on_rank0(read))
 
+    def data_paths(self) -> dict[str, tuple[str, str | None]]:
+        """Collective: tenant name -> (train_data, valid_data) of the directory's usable tenant files (rank 0
+        reads; the first file of a name wins, as in decide)."""
+        from .tenant_checkpoint import on_rank0
+
+        def read():
+            out = {}
+            for path in sorted(p for p in self.directory.iterdir() if p.suffix in (".yaml", ".yml")):
+                try:
+                    tenant = self._read(path)[0]
+                except OSError:
+                    continue
+                if tenant is not None:
+                    out.setdefault(tenant.name, (tenant.train_data, tenant.valid_data))
+            return out
+
+        return on_rank0(read)
+
     def _read(self, path: Path):
         """(TenantConfig or None, error or None), cached while the file's mtime and size stay the same."""
         st = path.stat()

@@ -189,12 +189,14 @@ class MultiLoRATrainer:
         return slot
 
     def _acquire(self, tc: TenantConfig | None, slot: int | None, checkpoint=None, *, saved_spec: bool = False,
-                 verified: bool = False):
+                 verified: bool = False, data_paths: dict | None = None):
         """Take a slot for a tenant, fresh or from ``checkpoint`` (its directory); ``saved_spec``: train with the
-        spec stored in the checkpoint (exact resume) instead of ``tc``."""
+        spec stored in the checkpoint (exact resume) instead of ``tc``, its data read where ``data_paths`` (name ->
+        (train_data, valid_data)) now lists it."""
         common = ckpt.load_common(checkpoint, verify=not verified)["tenant"] if checkpoint is not None else None
         if saved_spec:
-            tc = self._data_from_config(tenant_from_dict(dict(common["spec"]), f"checkpoint {checkpoint}: tenant"))
+            tc = self._moved_data(tenant_from_dict(dict(common["spec"]), f"checkpoint {checkpoint}: tenant"),
+                                  data_paths or {})
         elif common is not None:
             _check_same_adapter(tc, common, checkpoint)
         spec = LoRASpec(
@@ -222,17 +224,16 @@ class MultiLoRATrainer:
             self.metrics.note(f"tenant {tc.name}: resumed from {checkpoint} ({steps} steps) into slot {slot}")
         return slot
 
-    def _data_from_config(self, saved: TenantConfig) -> TenantConfig:
-        """A tenant resumed with its checkpoint's spec reads its data where the config now lists it (data
-        directories move; the position in them comes from the checkpoint)."""
-        listed = next((t for t in self.run.tenants if t.name == saved.name), None)
-        paths = ("train_data", "valid_data")
-        if listed is None or all(getattr(listed, k) == getattr(saved, k) for k in paths):
+    def _moved_data(self, saved: TenantConfig, data_paths: dict) -> TenantConfig:
+        """A tenant resumed with its checkpoint's spec reads its data where its config (the config file's, or its
+        control file's) now lists it: data directories move; the position in them comes from the checkpoint."""
+        now = data_paths.get(saved.name)
+        if now is None or now == (saved.train_data, saved.valid_data):
             return saved
-        self.metrics.note(f"tenant {saved.name}: data read where the config lists it: " + ", ".join(
-            f"{k} {getattr(listed, k)} (was {getattr(saved, k)})" for k in paths
-            if getattr(listed, k) != getattr(saved, k)))
-        return replace(saved, train_data=listed.train_data, valid_data=listed.valid_data)
+        self.metrics.note(f"tenant {saved.name}: data read where its config now lists it: " + ", ".join(
+            f"{k} {new} (was {old})" for k, new, old in zip(("train_data", "valid_data"), now,
+                                                            (saved.train_data, saved.valid_data)) if new != old))
+        return replace(saved, train_data=now[0], valid_data=now[1])
 
     def release_tenant(self, name: str, *, finished: bool = True) -> None:
         """Free the tenant's slot (weights and optimizer state of that slot only) and admit a queued tenant.
@@ -651,8 +652,11 @@ class MultiLoRATrainer:
             self.release_tenant(name, finished=False)
         self.run_id, self.iteration = state["run_id"], state["iteration"]
         self.finished = list(state["finished"])
+        data_paths = self._watcher.data_paths() if self._watcher else {}  # (the config file's tenants win)
+        data_paths.update({t.name: (t.train_data, t.valid_data) for t in self.run.tenants})
         for name, info in sorted(state["tenants"].items(), key=lambda kv: kv[1]["slot"]):
-            self._acquire(None, info["slot"], tenant_dirs[name], saved_spec=True, verified=True)
+            self._acquire(None, info["slot"], tenant_dirs[name], saved_spec=True, verified=True,
+                          data_paths=data_paths)
         self.queue = [tenant_from_dict(d, "checkpoint queue") for d in state["queue"]]
         self.source.load_state_dict({
             "iteration": state["data"]["iteration"], "last_step": state["data"]["last_step"],

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 from tests import tenant_runs as tr
 from tests.distributed import run_world
 
@@ -232,9 +234,16 @@ def _startup_with_files(cfg: dict) -> dict:
         if phase == "fresh":
             trainer.train_iteration()
             trainer.save_checkpoint()
+            # c's data moves, and its control file says where: the resume reads it there
+            c_file = Path(cfg["tenants_dir"]) / "c.yaml"
+            c = yaml.safe_load(c_file.read_text())
+            moved = Path(c["train_data"]).with_name("c-moved.jsonl")
+            Path(c["train_data"]).rename(moved)
+            tr.write_yaml(c_file, {**c, "train_data": str(moved)})
         out[phase] = dict(running=sorted(trainer.tenants), steps={n: t.steps for n, t in trainer.tenants.items()},
                           refused=[n for n in ("baddata", "broken", "huge", "typo")
                                    if any(n in line and "refused" in line for line in notes)])
+        out["moved_note"] = any("tenant c: data read where its config now lists it" in n for n in notes)
         trainer.close()
     return out
 
@@ -242,7 +251,8 @@ def _startup_with_files(cfg: dict) -> dict:
 def test_files_in_the_control_directory_at_start_are_read_like_later_ones(tmp_path):
     """A job (re)started with unusable tenant files in its control directory (broken YAML, an unknown key, a rank
     above max_rank, a data file with a bad line) refuses them with a note and trains the others, as it does with
-    files that appear while it runs: they no longer stop the job, nor its restart with --load."""
+    files that appear while it runs: they no longer stop the job, nor its restart with --load. A running dir
+    tenant whose data moved (its file saying where) resumes from there."""
     control = tmp_path / "control"
     control.mkdir()
     tr.write_yaml(control / "c.yaml", tr.tenant(tmp_path, "c", rank=2, seed=3, valid=False))
@@ -258,3 +268,4 @@ def test_files_in_the_control_directory_at_start_are_read_like_later_ones(tmp_pa
     refused = ["baddata", "broken", "huge", "typo"]
     assert out["fresh"] == {"running": ["b", "c"], "steps": {"b": 2, "c": 2}, "refused": refused}
     assert out["resumed"] == {"running": ["b", "c"], "steps": {"b": 3, "c": 3}, "refused": refused}
+    assert out["moved_note"], "the resume did not say where c's data is read now"
