@@ -162,7 +162,9 @@ class MultiLoRATrainer:
         if not resumed:
             stopped = self._watcher.stopped_names() if self._watcher else set()
             for tenant in run.tenants:
-                if tenant.name not in stopped:  # <name>.stop in the control directory: not started
+                if tenant.name in stopped:
+                    self.metrics.note(f"tenant {tenant.name}: not started ({tenant.name}.stop in {run.tenants_dir})")
+                else:
                     self.add_tenant(tenant)
         self._preloaded.clear()  # (queued, stopped or finished tenants read theirs when they start)
 

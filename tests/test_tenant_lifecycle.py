@@ -244,6 +244,7 @@ def _startup_with_files(cfg: dict) -> dict:
                           refused=[n for n in ("baddata", "broken", "huge", "typo")
                                    if any(n in line and "refused" in line for line in notes)])
         out["moved_note"] = any("tenant c: data read where its config now lists it" in n for n in notes)
+        out[phase]["stopped_note"] = any(n.startswith("tenant s: not started (s.stop in ") for n in notes)
         trainer.close()
     return out
 
@@ -262,10 +263,14 @@ def test_files_in_the_control_directory_at_start_are_read_like_later_ones(tmp_pa
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text('{"text": "fine"}\n{"text": oops}\n')
     tr.write_yaml(control / "baddata.yaml", {**tr.tenant(tmp_path, "baddata", seed=6), "train_data": str(bad_data)})
-    cfg = tr.run_config([tr.tenant(tmp_path, "b", rank=4, seed=2)], eval_interval=None, tenants_dir=str(control),
-                        save=str(tmp_path / "save"), lora={"max_slots": 3, "max_rank": 8})
+    (control / "s.stop").write_text("")  # a config tenant stopped before the job starts
+    cfg = tr.run_config([tr.tenant(tmp_path, "b", rank=4, seed=2), tr.tenant(tmp_path, "s", rank=4, seed=7)],
+                        eval_interval=None, tenants_dir=str(control), save=str(tmp_path / "save"),
+                        lora={"max_slots": 3, "max_rank": 8})
     out = run_world(_startup_with_files, 1, cfg)[0]
     refused = ["baddata", "broken", "huge", "typo"]
-    assert out["fresh"] == {"running": ["b", "c"], "steps": {"b": 2, "c": 2}, "refused": refused}
-    assert out["resumed"] == {"running": ["b", "c"], "steps": {"b": 3, "c": 3}, "refused": refused}
+    assert out["fresh"] == {"running": ["b", "c"], "steps": {"b": 2, "c": 2}, "refused": refused,
+                            "stopped_note": True}
+    assert out["resumed"] == {"running": ["b", "c"], "steps": {"b": 3, "c": 3}, "refused": refused,
+                              "stopped_note": False}  # (a resume restores the run: s was never in it)
     assert out["moved_note"], "the resume did not say where c's data is read now"
