@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -996,6 +996,12 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
     return problems
 
 
+def field_changes(old: Mapping, new: Mapping) -> list[str]:
+    """``"name old -> new"`` for each field of ``new`` that ``old`` has with another value (how a message names
+    what a config changed against a checkpoint or a base)."""
+    return [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k in old and old[k] != v]
+
+
 # Model fields the base's weights do not depend on (RoPE has no weights; a bf16 run resumes in fp32), and the
 # one only a random base does (a saved base was drawn already).
 _FREE_MODEL_FIELDS = ("params_dtype", "max_position_embeddings")
@@ -1014,9 +1020,8 @@ def _base_model_problems(run: RunConfig) -> list[str]:
         return [f"load_base: {e}"]
     if theirs is None:
         return []  # (a base that names no model: the run's model section says what it is)
-    theirs = theirs.to_dict()
-    changed = [f"{k} {theirs[k]!r} -> {v!r}" for k, v in run.model.to_dict().items()
-               if k not in _FREE_MODEL_FIELDS + _RANDOM_BASE_FIELDS and theirs.get(k) != v]
+    changed = field_changes(theirs.to_dict(), {k: v for k, v in run.model.to_dict().items()
+                                               if k not in _FREE_MODEL_FIELDS + _RANDOM_BASE_FIELDS})
     if not changed:
         return []
     return [f"load_base: {run.load_base} holds another model than the run's: {', '.join(changed)} (leave the "
@@ -1059,8 +1064,7 @@ def _base_problems(run: RunConfig, load: Path) -> list[str]:
     if saved["load_base"] is not None and mine["load_base"] is None:
         return [f"{where} the base in {saved['load_base']}; this run would build a random one: pass --load-base"]
     problems = []
-    changed = [f"{k} {saved['model'].get(k)!r} -> {v!r}" for k, v in mine["model"].items()
-               if k in saved["model"] and saved["model"][k] != v]
+    changed = field_changes(saved["model"], mine["model"])
     if changed:
         problems.append(f"{where} another model: {', '.join(changed)}")
     # (a random base saved with checkpointing.save_base and given as --load-base is the same base: allowed)

@@ -80,16 +80,24 @@ class TenantsDirWatcher:
 
         def read():
             out = {}
-            for path in sorted(p for p in self.directory.iterdir() if p.suffix in (".yaml", ".yml")):
-                try:
-                    tenant = self._read(path)[0]
-                except OSError:
-                    continue
+            for _path, tenant, _error, _stamp in self._tenant_files(sorted(self.directory.iterdir())):
                 if tenant is not None:
                     out.setdefault(tenant.name, (tenant.train_data, tenant.valid_data))
             return out
 
         return on_rank0(read)
+
+    def _tenant_files(self, entries):
+        """(path, TenantConfig or None, error or None, stamp) of each tenant file among ``entries`` (sorted
+        paths); a file removed while we look is skipped."""
+        for path in entries:
+            if path.suffix not in (".yaml", ".yml"):
+                continue
+            try:
+                read = self._read(path)
+            except OSError:
+                continue
+            yield (path, *read)
 
     def _read(self, path: Path):
         """(TenantConfig or None, error or None), cached while the file's mtime and size stay the same."""
@@ -128,13 +136,7 @@ class TenantsDirWatcher:
         stop = [n for n in sorted(stops) if n in active or n in queued]
         add, seen = [], {}
         room = free_slots + len([n for n in stop if n in active])
-        for path in entries:
-            if path.suffix not in (".yaml", ".yml"):
-                continue
-            try:
-                tenant, error, stamp = self._read(path)
-            except OSError:
-                continue  # removed while we looked
+        for path, tenant, error, stamp in self._tenant_files(entries):
             if error is not None:
                 note_once((str(path), stamp), f"tenants_dir: {path} refused: {error}")
                 continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from . import checkpointing, platform
 from . import model as model_lib
 from . import tenant_checkpoint as ckpt
-from .config import ConfigError, RunConfig, TenantConfig, base_identity, tenant_from_dict
+from .config import ConfigError, RunConfig, TenantConfig, base_identity, field_changes, tenant_from_dict
 from .data.datasets import DataError, TenantDataset
 from .data.source import PAD_SLOT, MultiAdapterDataSource
 from .data.tokenizer import build_tokenizer
@@ -64,9 +64,8 @@ def _reduce_sq_norms(sq_norms: dict) -> torch.Tensor:
 
 def _check_same_adapter(tc: TenantConfig, saved: dict, where) -> None:
     """A tenant resuming from a checkpoint under a (possibly edited) config keeps its adapter's shape."""
-    diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in (
-        ("rank", tc.rank), ("alpha", float(tc.alpha)), ("rslora", tc.rslora),
-        ("targets", sorted(tc.target_modules or saved["targets"]))) if saved[k] != v]
+    diffs = field_changes(saved, {"rank": tc.rank, "alpha": float(tc.alpha), "rslora": tc.rslora,
+                                  "targets": sorted(tc.target_modules or saved["targets"])})
     if diffs:
         raise ckpt.CheckpointError(f"tenant {tc.name!r}: its config does not match its checkpoint {where}: "
                                    + ", ".join(diffs) + " (use a new name to train a different adapter)")
@@ -732,8 +731,7 @@ class MultiLoRATrainer:
         """A run resumes each tenant exactly, with the spec its checkpoint holds (a queued one: the config it was
         queued with; as a running tenant keeps its own when its control file changes): the log names the
         config's edits, which are not applied."""
-        changes = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(tc, f.name)!r}"
-                   for f in fields(TenantConfig) if getattr(tc, f.name) != getattr(saved, f.name)]
+        changes = field_changes(saved.to_dict(), tc.to_dict())
         if changes:
             self.metrics.note(f"tenant {tc.name!r}: resumed with its checkpoint's settings; the config's changes "
                               f"are not applied: {', '.join(changes)} (a new tenant name trains with new settings)")
