@@ -47,18 +47,22 @@ def _run(layout, base_dir, only_slot=None, recompute=False, watch_delta_w=False,
     grads.sync(sorted(set(slots.tolist()) - {-1}))  # the step's slots, as the trainer does
     return dict(grads=W.gathered_grads(table), violations=watcher.violations if watcher else [],
                 self_check=watcher.self_check() if watcher else None, slot_grouped=_slot_grouped(gpt),
-                micro_batches=len(batches))
+                micro_batches=len(batches), own_permutation=[
+                    layer.mlp.token_dispatcher.lora_tokens_grouped for layer in gpt.decoder.layers
+                    if hasattr(layer.mlp, "token_dispatcher") and hasattr(layer.mlp.token_dispatcher, "local_map")])
 
 
 def _slot_grouped(gpt):
     """For every local expert of the MoE layers with the allgather dispatcher: were its tokens (of the last
-    micro-batch) already grouped by slot, as the dispatcher's slot-ordered permutation promises?"""
+    micro-batch) already grouped by slot (each slot's tokens one block), as the dispatcher promises -- by its
+    slot-ordered permutation, or by megatron's own when the tokens arrive grouped?"""
     out = []
     for layer in gpt.decoder.layers:
         dispatcher = getattr(layer.mlp, "token_dispatcher", None)
         if dispatcher is not None and hasattr(dispatcher, "local_map"):  # allgather
             per_expert = dispatcher.lora_permuted_slots.split(dispatcher.local_map.sum(0).tolist())
-            out += [(bool((s[1:] >= s[:-1]).all()), len(set(s.tolist())) > 1) for s in per_expert]
+            blocks = [s.unique_consecutive().numel() for s in per_expert]
+            out += [(n == s.unique().numel(), s.unique().numel() > 1) for n, s in zip(blocks, per_expert)]
     return out  # [(grouped, several slots)] per local expert
 
 
@@ -132,7 +136,10 @@ def test_expert_grads_are_meaningful_and_no_delta_w(reference):
     _, out = reference
     assert out["self_check"], "the delta-W watcher cannot see B @ A"
     assert out["violations"] == []
-    # the allgather dispatcher hands every expert its tokens grouped by slot (no sort in the experts)
+    # the allgather dispatcher hands every expert its tokens grouped by slot (no sort in the experts): here, one
+    # process with token-major micro-batches whose slots are blocks ([a a b b], [c c base base]), through
+    # megatron's own permutation (the layouts below, which all-gather tokens, take the slot-ordered one)
+    assert out["own_permutation"] and all(out["own_permutation"]), out["own_permutation"]
     assert all(grouped for grouped, _ in out["slot_grouped"]), out["slot_grouped"]
     assert any(several for _, several in out["slot_grouped"]), "no expert saw two slots: the check proves nothing"
     expert = {k: g for k, g in out["grads"].items() if ".experts.local_experts." in k[0]}
@@ -170,6 +177,8 @@ def test_expert_grads_are_layout_invariant(reference, layout, world, recompute):
     assert set(grads) == set(ref["grads"])
     for key, r in ref["grads"].items():
         assert _rel(grads[key], r) <= 1e-5, (key, _rel(grads[key], r))
+    if layout.get("tp", 1) * layout.get("ep", 1) > 1:  # all-gathered tokens take the slot-ordered permutation
+        assert not any(flag for o in outs for flag in o["own_permutation"])
 
 
 @pytest.mark.parametrize("slot", [0, 2])

@@ -308,6 +308,13 @@ def test_routing_follows_the_activation_layout():
     for shape in ((3, n + 1, 64), (3 * n + 1, 1, 64), (3, 2, 64)):
         with pytest.raises(ValueError, match=f"neither .* for this micro-batch of {n} samples"):
             routing.tokens_per_sample(shape)
+    # each slot's tokens are one block of the flattened order (as the MoE dispatcher's own permutation needs)
+    # exactly when the samples are not interleaved position by position
+    for shape in ((3, n, 64), (3 * n, 1, 64), (1, n, 64)):
+        flat = routing.token_slots(shape)
+        assert routing.tokens_grouped_by_slot(shape) == (flat.unique_consecutive().numel() == flat.unique().numel())
+    assert not routing.tokens_grouped_by_slot((3, n, 64)) and routing.tokens_grouped_by_slot((3 * n, 1, 64))
+    assert AdapterRouting([1], _table()).tokens_grouped_by_slot((5, 1, 64))
 
 
 @pytest.mark.parametrize("slot", [3, 4, 99, -2, -5])
@@ -485,6 +492,23 @@ def test_expert_linear_matches_per_expert_reference(monkeypatch, case, padded):
         (y * gy).sum().backward()
         assert torch.allclose(xi.grad, torch.cat([g @ w for g, w in zip(gy.split(counts), weights)]))
     assert bool(grouped_calls) != padded, "the GEMM path under test was not the one taken"
+
+
+def test_expert_linear_trains_the_lora_of_an_input_without_gradient():
+    """The LoRA parameters are not inputs of the grouped experts' autograd node (one anchor is): its backward must
+    still run, and fill every expert's gradient, when the experts' input needs no gradient (a frozen first layer)."""
+    from megatron_multilora.lora import ops
+
+    segs, counts, d_in, d_out = EXPERT_CASES["uniform"]
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(d_out, d_in, generator=gen) for _ in counts]
+    a_ws = [torch.nn.Parameter(torch.randn(6, 8, d_in, generator=gen)) for _ in counts]
+    b_ws = [torch.nn.Parameter(torch.randn(6, d_out, 8, generator=gen)) for _ in counts]
+    segments = [ops.Segment(slot, start, end, rank, scale, 0.0, e) for e, slot, start, end, rank, scale in segs]
+    x = torch.randn(sum(counts), d_in, generator=gen)
+    ops.expert_linear(x, weights, counts, a_ws, b_ws, segments).sum().backward()
+    for e, slot, start, end, rank, scale in segs:
+        assert a_ws[e].grad[slot, :rank].abs().sum() > 0 and b_ws[e].grad[slot, :, :rank].abs().sum() > 0
 
 
 def test_expert_linear_refuses_a_trainable_base():

@@ -25,7 +25,8 @@ Cases:
    kernel the SlotOptimizer runs on each slot's row)
  8 expert LoRA vs dense LoRA over the same routed tokens x rank: the time expert LoRA adds to a MoE layer over
    the time dense LoRA adds to a dense MLP of one expert's shape fed as many tokens as were routed (both
-   one-layer models, so the per-step gradient zeroing each side times covers the same one layer)
+   one-layer models, so the per-step gradient zeroing each side times covers the same one layer; each call a
+   new micro-batch, so the router's new (expert, slot) groups are paid for every time, as in training)
  9 Hugging Face transformers + peft training the same architecture (LlamaForCausalLM, random init, SDPA) on the
    same tokens: N adapters one after another (set_adapter, own AdamW, clipping) vs our mixed step, and one
    adapter vs one adapter
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -629,19 +631,21 @@ class Bench:
         mc = moe.mc
         samples, seq, k = shape.moe_samples, shape.moe_seq, mc.moe_router_topk
         g = torch.Generator().manual_seed(5)
-        # token-major [samples * s, 1, h], as the model feeds its layers (model.token_major)
-        h_moe = torch.randn(samples * seq, 1, mc.hidden_size, generator=g).to(self.device)
-        h_dense = torch.randn(samples * seq * k, 1, mc.hidden_size, generator=g).to(self.device)
+        # Token-major [samples * s, 1, h], as the model feeds its layers (model.token_major). Each call takes the
+        # next of several micro-batches, as training does: the experts' per-micro-batch bookkeeping (the router
+        # sends other tokens to each (expert, slot) every time) is paid every call, never found in a cache.
+        h_moe = [torch.randn(samples * seq, 1, mc.hidden_size, generator=g).to(self.device) for _ in range(16)]
+        h_dense = [torch.randn(samples * seq * k, 1, mc.hidden_size, generator=g).to(self.device) for _ in range(16)]
         slots = slots_for(4, samples)
 
-        def layer_fn(w, mlp, h, slots):
+        def layer_fn(w, mlp, hs, slots):
             routing = w.routing(slots)
-
             rows = sorted({s for s in slots if s >= 0})
+            inputs = itertools.cycle(hs)
 
             def fn():
                 w.grads.zero(rows)
-                hi = h.detach().requires_grad_(True)
+                hi = next(inputs).detach().requires_grad_(True)
                 with routing.active():
                     out, _ = mlp(hi)
                 out.sum().backward()

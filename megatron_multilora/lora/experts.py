@@ -5,10 +5,11 @@ axis is sharded across EP ranks like the experts themselves); all local experts'
 as one function with one grouped GEMM per LoRA product (ops.expert_linear, SlotLoRASequentialMLP below). The
 slot of every token follows it through the token dispatcher: the dispatcher gathers and permutes an int slot-id
 vector exactly as it gathers and permutes the tokens, and every expert must see its tokens grouped by slot (its
-segments). The allgather dispatcher's own permutation is made to take each expert's tokens in slot order, which
-costs nothing extra; after the alltoall dispatcher (whose chunks from several ranks interleave slots) the
-experts wrapper sorts the tokens by (expert, slot) around the base call and restores their order. No
-per-expert delta-W is ever formed. Both of megatron's token dispatchers are followed: allgather
+segments). A rank's own token-major tokens are (each slot's samples are one block), so the allgather
+dispatcher keeps megatron's permutation for them; tokens all-gathered from several ranks (or interleaved by
+megatron's [s, b] layout) it permutes to take each expert's tokens in slot order, at no extra cost; after the
+alltoall dispatcher (whose chunks from several ranks interleave slots) the experts wrapper sorts the tokens by
+(expert, slot) around the base call and restores their order. No per-expert delta-W is ever formed. Both of megatron's token dispatchers are followed: allgather
 (all-gather over TP x EP) and alltoall (all-to-all over EP with the tokens' own split sizes, then the TP
 all-gather and the sort by local expert). All of it happens inside the MoE layer's forward, so activation
 recompute and pipeline schedules replay it from the micro-batch's own routing.
@@ -40,10 +41,15 @@ class SlotTrackingAllGatherDispatcher:
     """Mixin in front of megatron's MoEAllGatherTokenDispatcher: carries token slot ids along
     (all-gather over TP x EP, then the local permutation)."""
 
-    lora_grouped_by_slot = True  # its permutation hands each expert its tokens in slot order
+    lora_grouped_by_slot = True  # its permutation hands each expert its tokens grouped by slot
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.lora_token_slots = _input_slots(hidden_states)
+        # Without an all-gather the tokens are this rank's own, in the micro-batch's order, which the routing
+        # knows to hold each slot's tokens in one block or not (no device check needed).
+        routing = routing_lib.current()
+        self.lora_tokens_grouped = (self.tp_size == 1 and self.ep_size == 1
+                                    and (routing is None or routing.tokens_grouped_by_slot(hidden_states.shape)))
         return super().dispatch_preprocess(hidden_states, routing_map, probs)
 
     def token_dispatch(self, hidden_states, probs):
@@ -56,7 +62,8 @@ class SlotTrackingAllGatherDispatcher:
 
     def dispatch_postprocess(self, hidden_states, probs):
         slots = self.lora_token_slots
-        if not bool((slots != routing_lib.NO_ADAPTER).any()):
+        if self.lora_tokens_grouped or not bool((slots != routing_lib.NO_ADAPTER).any()):
+            # megatron's own permutation hands each expert its tokens in token order: grouped by slot already
             out = super().dispatch_postprocess(hidden_states, probs)
             self.lora_permuted_slots = slots[self.reversed_local_input_permutation_mapping]
             return out
@@ -130,8 +137,9 @@ class SlotLoRASequentialMLP:
         counts = tokens_per_expert.tolist()
         fc1, fc2 = self.lora_grouped.linear_fc1, self.lora_grouped.linear_fc2
         order = None
-        if routing is not None and bool((slots != routing_lib.NO_ADAPTER).any()):
-            if not self.lora_dispatcher.lora_grouped_by_slot:  # alltoall: sort by (expert, slot) unless so already
+        if routing is not None:
+            if not self.lora_dispatcher.lora_grouped_by_slot and bool((slots != routing_lib.NO_ADAPTER).any()):
+                # alltoall: sort by (expert, slot) unless so already
                 expert_of = torch.repeat_interleave(torch.arange(len(counts), device=slots.device),
                                                     torch.as_tensor(counts, device=slots.device))
                 keys = expert_of * (int(slots.max()) + 2) + (slots + 1)
@@ -158,14 +166,16 @@ class SlotLoRASequentialMLP:
     def _expert_slot_runs(slots: torch.Tensor, counts: list[int]) -> list[tuple[int, int, int]]:
         """(local expert, slot, tokens) runs in token order, from the tokens' slots grouped by (expert, slot) and
         each local expert's token count (a run ends where the slot changes or an expert's tokens end)."""
+        values, lengths = torch.unique_consecutive(slots, return_counts=True)
         ends = list(itertools.accumulate(counts))
-        changes = (slots[1:] != slots[:-1]).nonzero().flatten().add_(1).tolist()
-        starts = sorted(set(changes).union(ends[:-1], [0]) - {ends[-1]}) if ends and ends[-1] else []
-        runs, expert = [], 0
-        for start, end, slot in zip(starts, starts[1:] + ends[-1:], slots[starts].tolist()):
-            while ends[expert] <= start:
-                expert += 1
-            runs.append((expert, slot, end - start))
+        runs, expert, pos = [], 0, 0
+        for slot, length in zip(values.tolist(), lengths.tolist()):
+            while length:  # a run of one slot may span several experts' tokens
+                while ends[expert] <= pos:
+                    expert += 1
+                take = min(length, ends[expert] - pos)
+                runs.append((expert, slot, take))
+                pos, length = pos + take, length - take
         return runs
 
 
@@ -181,14 +191,17 @@ class GroupedExpertLinears:
         if lora and len(lora) != len(linears):
             raise NotImplementedError("expert LoRA targets every local expert's linear of a kind or none")
         self.lora_kind = lora[0].lora_kind if lora else None
+        # (the LoRA parameters are fixed objects -- the optimizer and checkpoints hold them -- so listed once)
+        self.lora_a = tuple(lin.lora_A for lin in lora)
+        self.lora_b = tuple(lin.lora_B for lin in lora)
         self.counts, self.segments = [], ()
 
     def __call__(self, x):
         weights = [lin.weight for lin in self.linears]
-        if not self.segments:  # (no LoRA parameter lists to build)
+        if not self.segments:
             return ops.expert_linear(x, weights, self.counts), None
-        return ops.expert_linear(x, weights, self.counts, [lin.lora_A for lin in self.linears],
-                                 [lin.lora_B for lin in self.linears], self.segments, self.training_of.training), None
+        return ops.expert_linear(x, weights, self.counts, self.lora_a, self.lora_b, self.segments,
+                                 self.training_of.training), None
 
 
 class _GroupedExperts:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -386,18 +387,7 @@ def _expert_runs(segments: tuple[Segment, ...], device: torch.device) -> tuple[_
                 pieces[-1][3] = i + 1
             else:
                 pieces.append([s.weight, [s.slot], i, i + 1])
-        # row j of segment i goes to padded row i * longest + j (a few tensor ops, not a Python loop per token)
-        size_t = torch.tensor(sizes, device=device)
-        ends = size_t.cumsum(0)
-        pos = torch.arange(sum(sizes), device=device) + torch.repeat_interleave(
-            torch.arange(len(sizes), device=device) * longest - (ends - size_t), size_t)
-        src = torch.zeros(len(sizes) * longest, dtype=torch.long, device=device).index_copy_(
-            0, pos, torch.arange(sum(sizes), device=device))
-        gaps = None
-        if sum(sizes) < len(sizes) * longest:
-            filled = torch.zeros(len(sizes) * longest, dtype=torch.bool, device=device).index_fill_(0, pos, True)
-            gaps = (~filled).nonzero().flatten()
-        offs = ends.to(torch.int32)
+        pos, src, gaps, offs = _padding(sizes, longest, device)
         scale = g[0].scale
         if any(s.scale != scale for s in g):
             scales = torch.tensor([s.scale for s in g], device=device)
@@ -407,6 +397,22 @@ def _expert_runs(segments: tuple[Segment, ...], device: torch.device) -> tuple[_
         runs.append(_ExpertRun(g[0].start, g[-1].end, g[0].rank, tuple(sizes), scale, pieces, longest, offs, pos,
                                src, gaps))
     return tuple(runs)
+
+
+def _padding(sizes: list[int], longest: int, device) -> tuple:
+    """Index tensors of segments of `sizes` rows padded to `longest` rows each: pos (each row's padded row), src
+    (each padded row's row, 0 in a gap), gaps (the padded rows no row fills; None when there are none) and offs
+    (int32 segment ends, grouped_mm's). Host arithmetic in numpy, once per micro-batch and MoE layer: a quarter
+    of the time of the dozen tiny torch ops it replaces (in a loop; in the layer, where it runs cold, a quarter
+    less than a compact torch version: tools/bench.py case 8, where a miss costs as much as 10% of the LoRA)."""
+    sizes_np, column = np.asarray(sizes), np.arange(longest)
+    ends = np.cumsum(sizes_np)
+    filled = (column < sizes_np[:, None]).ravel()  # [G * longest]: padded row i * longest + j holds a row
+    src = np.where(filled, ((ends - sizes_np)[:, None] + column).ravel(), 0)
+    pos = np.flatnonzero(filled)
+    gaps = None if filled.all() else np.flatnonzero(~filled)
+    return tuple(None if a is None else torch.from_numpy(a).to(device)
+                 for a in (pos, src, gaps, ends.astype(np.int32)))
 
 
 def _slot_index(slots: tuple, device) -> slice | torch.Tensor:
@@ -480,16 +486,17 @@ class _ExpertLinear(torch.autograd.Function):
     weight^T, plus the scaled LoRA products of every (expert, slot) segment of `runs`, one batched GEMM per
     product for each run, all in ONE autograd node (the LoRA written into y in place, its input gradient into
     the base's). `x_lora` is the LoRA's own input (None: x) when a tenant has dropout. Each run's weights are
-    stacked once in forward and kept for backward; the LoRA parameters, passed last, receive their gradients
-    from this function (autograd runs it for them even when x needs no gradient)."""
+    stacked once in forward and kept for backward. Backward writes every expert's LoRA gradients into their
+    .grad itself, so the parameters are not inputs of the node (each tensor input costs autograd an edge and an
+    AccumulateGrad call, for 2 x experts parameters per call): `anchor`, one of them, is the only one, so
+    that autograd runs this backward even when x needs no gradient."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weights, counts, runs, n_experts, *params):
+    def forward(ctx, x, x_lora, weights, counts, runs, weights_a, weights_b, anchor=None):
         y = _per_expert_mm(x, weights, counts, transpose=True)
         ctx.weights, ctx.counts, ctx.runs = weights, counts, runs
         if not runs:
             return y
-        weights_a, weights_b = params[:n_experts], params[n_experts:]
         xl = x if x_lora is None else x_lora
         saved, stacked, padded = [], [], [run.padded(x, y.shape[1], weights_b[0].shape[2]) for run in runs]
         for run, pad in zip(runs, padded):
@@ -516,7 +523,7 @@ class _ExpertLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _per_expert_mm(grad_y, ctx.weights, ctx.counts, transpose=False)
         if not ctx.runs:
-            return grad_x, None, None, None, None, None
+            return grad_x, None, None, None, None, None, None, None
         grad_lora = grad_x
         if ctx.own_input:
             grad_lora = grad_y.new_zeros(ctx.x_shape) if ctx.needs_input_grad[1] else None
@@ -535,8 +542,7 @@ class _ExpertLinear(torch.autograd.Function):
             _accumulate_stacked(ctx.weights_a, run, grad_a, 1)
             if grad_lora is not None:
                 _rows(grad_lora, run).add_(_unpad(torch.bmm(g_h, a), run) if pad else gmm(g_h, a, offs=run.offs))
-        return (grad_x, grad_lora if ctx.own_input else None, None, None, None, None,
-                *([None] * (2 * len(ctx.weights_a))))
+        return grad_x, grad_lora if ctx.own_input else None, None, None, None, None, None, None
 
 
 def _per_expert_mm(x: torch.Tensor, weights, counts: list[int], transpose: bool) -> torch.Tensor:
@@ -566,9 +572,9 @@ def expert_linear(x, weights, counts, lora_a=(), lora_b=(), segments=(), trainin
     if len(counts) != len(weights) or sum(counts) != x.shape[0]:
         raise ValueError(f"rows per expert {counts} do not match {len(weights)} experts and {x.shape[0]} tokens")
     if not segments:  # the frozen linears alone: the LoRA parameters are no inputs of the function
-        return _ExpertLinear.apply(x, None, tuple(weights), counts, (), 0)
+        return _ExpertLinear.apply(x, None, tuple(weights), counts, (), (), ())
     runs = _expert_runs(tuple(segments), x.device)
     x_lora = None
     if training and any(s.dropout > 0.0 for s in segments):
         x_lora = segment_dropout(x.unsqueeze(0), segments, training)[0]
-    return _ExpertLinear.apply(x, x_lora, tuple(weights), counts, runs, len(lora_a), *lora_a, *lora_b)
+    return _ExpertLinear.apply(x, x_lora, tuple(weights), counts, runs, tuple(lora_a), tuple(lora_b), lora_a[0])

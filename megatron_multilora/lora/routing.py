@@ -82,6 +82,12 @@ class AdapterRouting:
             start += count
         return segments
 
+    def tokens_grouped_by_slot(self, shape) -> bool:
+        """Are each slot's tokens one block in an activation's flattened order (the MoE dispatcher's)? A slot's
+        samples are one block of the micro-batch, so they are unless each position interleaves the samples
+        (megatron's [s, b, h] with several samples and positions)."""
+        return self.sample_slots.numel() == 1 or self.tokens_per_sample(shape) > 1 or shape[0] == 1
+
     def token_slots(self, shape) -> torch.Tensor:
         """The slot of every token of an activation of this micro-batch ([s, b, h] or token-major [b * s, 1, h])
         in its flattened order (the MoE dispatcher's)."""
