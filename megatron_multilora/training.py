@@ -187,6 +187,7 @@ class MultiLoRATrainer:
                               f"({self.tenants[tc.name].steps} steps): finished without training")
             self.release_tenant(tc.name)
             return None
+        self._note_short_schedule(self.tenants[tc.name])
         return slot
 
     def _acquire(self, tc: TenantConfig | None, slot: int | None, checkpoint=None, *, saved_spec: bool = False,
@@ -224,6 +225,20 @@ class MultiLoRATrainer:
         if common is not None:
             self.metrics.note(f"tenant {tc.name}: resumed from {checkpoint} ({steps} steps) into slot {slot}")
         return slot
+
+    def _note_short_schedule(self, tenant: Tenant) -> None:
+        """A tenant without its own train_iters / lr_decay_iters decays over the run's train_iters counted in ITS
+        steps: joining mid-run it cannot take them all, and its learning rate would stop short of min_lr -- said,
+        with the fix. (Iterations it sits out later, under max_samples_per_iteration, shorten it too.)"""
+        tc, steps = tenant.config, tenant.steps
+        if tc.lr_decay_style == "constant" or tc.lr_decay_iters is not None or tc.train_iters is not None:
+            return
+        left = self.run.train_iters - self.iteration
+        if steps + left < self.run.train_iters:
+            self.metrics.note(f"tenant {tc.name}: its learning rate decays over the run's train_iters "
+                              f"({self.run.train_iters}) of its own steps; at iteration {self.iteration} with "
+                              f"{steps} done it can take {left} more, ending above min_lr (set its train_iters or "
+                              f"lr_decay_iters to fit)")
 
     def _moved_data(self, saved: TenantConfig, data_paths: dict) -> TenantConfig:
         """A tenant resumed with its checkpoint's spec reads its data where its config (the config file's, or its

@@ -173,6 +173,19 @@ def _lineage_world(d: str) -> dict:
     _trainer({**cfg, "load": str(two_dir), "save": str(d / "longer"), "train_iters": 20}).close()
     out["longer_notes"] = [n for n in notes if "train_iters 8 -> 20" in n]
 
+    # Tenants joining at iteration 3 of 8: one whose decay follows the run's train_iters (8 of its own steps, 5
+    # left) is named; one with its own train_iters, and one decaying over its own lr_decay_iters, are not.
+    from megatron_multilora.config import tenant_from_dict
+
+    notes.clear()
+    run = _trainer(tr.run_config([x], eval_interval=None, lora={"max_slots": 4, "max_rank": 8}))
+    for _ in range(3):
+        run.train_iteration()
+    for name, fields in (("late", {}), ("own", {"train_iters": 4}), ("short", {"lr_decay_iters": 5})):
+        run.add_tenant(tenant_from_dict(tr.tenant(d, name, rank=4, seed=9, valid=False, **fields), "test"))
+    out["late_notes"] = [n for n in notes if "decays over the run's train_iters" in n]
+    run.close()
+
     # The data directory moved after the checkpoint: the resume reads the tenant's data where the config now
     # lists it (the checkpoint's own paths are gone).
     moved_dir, data_dir = d / "moved", d / "data-old"
@@ -254,6 +267,12 @@ def test_a_pool_too_small_for_the_checkpoint_is_named(lineage):
 
 def test_a_longer_train_iters_on_resume_names_the_schedules_it_moves(lineage):
     assert len(lineage["longer_notes"]) == 1 and "['a', 'x']" in lineage["longer_notes"][0]
+
+
+def test_a_tenant_joining_too_late_for_the_runs_decay_is_named(lineage):
+    assert lineage["late_notes"] == [
+        "tenant late: its learning rate decays over the run's train_iters (8) of its own steps; at iteration 3 "
+        "with 0 done it can take 5 more, ending above min_lr (set its train_iters or lr_decay_iters to fit)"]
 
 
 def test_releasing_a_tenant_without_a_slot_is_named(lineage):
