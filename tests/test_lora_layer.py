@@ -93,7 +93,7 @@ def _run(layers, x, slots, table, g, layout):
     res = {}
     for key, layer in layers.items():
         xi = _to(x[key], layout).detach().clone().requires_grad_(True)
-        assert routing.tokens_per_sample(xi.shape) == (1 if layout == "sb" else SEQ)
+        assert routing.tokens_per_sample(xi.shape) == (1 if layout == "sb" else x[key].shape[0])
         for p in (layer.lora_A, layer.lora_B):
             p.grad = None
         with routing.active():
@@ -140,6 +140,12 @@ def _worker(layout):
     out["multi"] = _run(layers, x, SLOTS, table, g, layout)
     out["ref"] = {
         key: _reference(x[key], weights[key], SLOTS, adapters[key], g[key]) for key in LAYERS
+    }
+    # one token per sample ([1, n, d], or token-major [n, 1, d])
+    first = {k: v[:1] for k, v in x.items()}
+    out["one_token"] = _run(layers, first, SLOTS, table, {k: v[:1] for k, v in g.items()}, layout)
+    out["one_token_ref"] = {
+        key: _reference(first[key], weights[key], SLOTS, adapters[key], g[key][:1]) for key in LAYERS
     }
 
     # The rank-4 tenant alone in a max-rank-4 pool (same seed, same layer names, same weights).
@@ -233,6 +239,17 @@ def test_per_slot_weight_gradients_match_reference(world, key):
 
 
 @pytest.mark.parametrize("key", LAYERS)
+def test_one_token_samples_match_reference(world, key):
+    """Samples of one token each: token-major that is [n, 1, d], the samples along dimension 0 (it was read as
+    megatron's [s=n, b=1] layout, one sample of n tokens)."""
+    res, (ref_y, ref_dx, ref_grads) = world["one_token"][key], world["one_token_ref"][key]
+    assert _rel(res["y"], ref_y) <= TOL and _rel(res["dx"], ref_dx) <= TOL
+    for slot, (_name, rank, _alpha, _rs) in enumerate(TENANTS):
+        da, db = ref_grads[slot]
+        assert _rel(res["dA"][slot, :rank], da) <= TOL and _rel(res["dB"][slot, :, :rank], db) <= TOL, slot
+
+
+@pytest.mark.parametrize("key", LAYERS)
 def test_frozen_base_gets_no_gradient(world, key):
     assert world["multi"][key]["weight_grad_none"]
     assert world["small"][key]["weight_grad_none"]
@@ -308,12 +325,23 @@ def test_routing_follows_the_activation_layout():
     for shape in ((3, n + 1, 64), (3 * n + 1, 1, 64), (3, 2, 64)):
         with pytest.raises(ValueError, match=f"neither .* for this micro-batch of {n} samples"):
             routing.tokens_per_sample(shape)
-    # each slot's tokens are one block of the flattened order (as the MoE dispatcher's own permutation needs)
-    # exactly when the samples are not interleaved position by position
-    for shape in ((3, n, 64), (3 * n, 1, 64), (1, n, 64)):
-        flat = routing.token_slots(shape)
-        assert routing.tokens_grouped_by_slot(shape) == (flat.unique_consecutive().numel() == flat.unique().numel())
+    # one token per sample, token-major [n, 1, h]: the samples along dimension 0 (not [s=n, b=1])
+    assert routing.token_major((n, 1, 64)) and routing.tokens_per_sample((n, 1, 64)) == 1
+    assert torch.equal(routing.token_slots((n, 1, 64)), slots)
+    assert not routing.token_major((3, n, 64)) and routing.token_major((3 * n, 1, 64))
+
+    def adapter_blocks(flat):  # is every adapter slot's run of tokens one block? (base-only ones may be split)
+        return all(bool(((flat == s).nonzero().flatten().diff() == 1).all()) for s in set(flat.tolist()) - {-1})
+
+    # each adapter slot's tokens are one block of the flattened order (as the MoE dispatcher's own permutation
+    # needs) exactly when the samples are not interleaved position by position
+    split = AdapterRouting([-1, 0, -1, 1, 1], _table())
+    for r, shapes in ((routing, ((3, n, 64), (3 * n, 1, 64), (1, n, 64), (n, 1, 64))),
+                      (split, ((2, 5, 64), (10, 1, 64), (5, 1, 64)))):
+        for shape in shapes:
+            assert r.tokens_grouped_by_slot(shape) == adapter_blocks(r.token_slots(shape)), shape
     assert not routing.tokens_grouped_by_slot((3, n, 64)) and routing.tokens_grouped_by_slot((3 * n, 1, 64))
+    assert split.tokens_grouped_by_slot((10, 1, 64)) and not split.tokens_grouped_by_slot((2, 5, 64))
     assert AdapterRouting([1], _table()).tokens_grouped_by_slot((5, 1, 64))
 
 
@@ -509,6 +537,12 @@ def test_expert_linear_trains_the_lora_of_an_input_without_gradient():
     ops.expert_linear(x, weights, counts, a_ws, b_ws, segments).sum().backward()
     for e, slot, start, end, rank, scale in segs:
         assert a_ws[e].grad[slot, :rank].abs().sum() > 0 and b_ws[e].grad[slot, :, :rank].abs().sum() > 0
+    # the anchor is one that trains: with expert 0's A frozen, the others still learn
+    a_ws[0].requires_grad_(False)
+    for p in a_ws + b_ws:
+        p.grad = None
+    ops.expert_linear(x, weights, counts, a_ws, b_ws, segments).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a_ws[1:] + b_ws)
 
 
 def test_expert_linear_refuses_a_trainable_base():

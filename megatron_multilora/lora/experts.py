@@ -5,14 +5,15 @@ axis is sharded across EP ranks like the experts themselves); all local experts'
 as one function with one grouped GEMM per LoRA product (ops.expert_linear, SlotLoRASequentialMLP below). The
 slot of every token follows it through the token dispatcher: the dispatcher gathers and permutes an int slot-id
 vector exactly as it gathers and permutes the tokens, and every expert must see its tokens grouped by slot (its
-segments). A rank's own token-major tokens are (each slot's samples are one block), so the allgather
+segments). A rank's own token-major tokens are (each adapter slot's samples are one block), so the allgather
 dispatcher keeps megatron's permutation for them; tokens all-gathered from several ranks (or interleaved by
 megatron's [s, b] layout) it permutes to take each expert's tokens in slot order, at no extra cost; after the
 alltoall dispatcher (whose chunks from several ranks interleave slots) the experts wrapper sorts the tokens by
-(expert, slot) around the base call and restores their order. No per-expert delta-W is ever formed. Both of megatron's token dispatchers are followed: allgather
-(all-gather over TP x EP) and alltoall (all-to-all over EP with the tokens' own split sizes, then the TP
-all-gather and the sort by local expert). All of it happens inside the MoE layer's forward, so activation
-recompute and pipeline schedules replay it from the micro-batch's own routing.
+(expert, slot) around the base call and restores their order. No per-expert delta-W is ever formed. Both of
+megatron's token dispatchers are followed: allgather (all-gather over TP x EP) and alltoall (all-to-all over EP
+with the tokens' own split sizes, then the TP all-gather and the sort by local expert). All of it happens inside
+the MoE layer's forward, so activation recompute and pipeline schedules replay it from the micro-batch's own
+routing.
 """
 
 from __future__ import annotations

@@ -139,11 +139,10 @@ class SlotLoRALinear:
         routing = routing_lib.current()
         if routing is None:
             return output, bias
-        per_sample = routing.tokens_per_sample(input_.shape)
-        segments = routing.segments(self.lora_kind, per_sample)
+        segments = routing.segments(self.lora_kind, routing.tokens_per_sample(input_.shape))
         if segments:
             output = ops.lora_add(output, input_, self.lora_A, self.lora_B, segments, self._middle, self.training,
-                                  token_major=per_sample > 1, dropout_shard=self._input_shard())
+                                  token_major=routing.token_major(input_.shape), dropout_shard=self._input_shard())
         return output, bias
 
     def _input_shard(self) -> tuple[int, int, int] | None:

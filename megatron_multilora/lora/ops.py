@@ -402,9 +402,10 @@ def _expert_runs(segments: tuple[Segment, ...], device: torch.device) -> tuple[_
 def _padding(sizes: list[int], longest: int, device) -> tuple:
     """Index tensors of segments of `sizes` rows padded to `longest` rows each: pos (each row's padded row), src
     (each padded row's row, 0 in a gap), gaps (the padded rows no row fills; None when there are none) and offs
-    (int32 segment ends, grouped_mm's). Host arithmetic in numpy, once per micro-batch and MoE layer: a quarter
-    of the time of the dozen tiny torch ops it replaces (in a loop; in the layer, where it runs cold, a quarter
-    less than a compact torch version: tools/bench.py case 8, where a miss costs as much as 10% of the LoRA)."""
+    (int32 segment ends, grouped_mm's). Host arithmetic in numpy, once per run of a micro-batch's MoE layer
+    (its fc1 and fc2 share it): a quarter of the time of the dozen tiny torch ops it replaces (in a loop; in the
+    layer, where it runs cold, a quarter less than a compact torch version: tools/bench.py case 8, where this
+    bookkeeping costs as much as 10% of the LoRA)."""
     sizes_np, column = np.asarray(sizes), np.arange(longest)
     ends = np.cumsum(sizes_np)
     filled = (column < sizes_np[:, None]).ravel()  # [G * longest]: padded row i * longest + j holds a row
@@ -489,7 +490,8 @@ class _ExpertLinear(torch.autograd.Function):
     stacked once in forward and kept for backward. Backward writes every expert's LoRA gradients into their
     .grad itself, so the parameters are not inputs of the node (each tensor input costs autograd an edge and an
     AccumulateGrad call, for 2 x experts parameters per call): `anchor`, one of them, is the only one, so
-    that autograd runs this backward even when x needs no gradient."""
+    that autograd runs this backward even when x needs no gradient (the first that requires a gradient: with
+    none, there is nothing to train)."""
 
     @staticmethod
     def forward(ctx, x, x_lora, weights, counts, runs, weights_a, weights_b, anchor=None):
@@ -571,10 +573,11 @@ def expert_linear(x, weights, counts, lora_a=(), lora_b=(), segments=(), trainin
         raise RuntimeError("the grouped experts compute no base weight gradient: the base must stay frozen")
     if len(counts) != len(weights) or sum(counts) != x.shape[0]:
         raise ValueError(f"rows per expert {counts} do not match {len(weights)} experts and {x.shape[0]} tokens")
-    if not segments:  # the frozen linears alone: the LoRA parameters are no inputs of the function
+    if not segments:  # the frozen linears alone
         return _ExpertLinear.apply(x, None, tuple(weights), counts, (), (), ())
     runs = _expert_runs(tuple(segments), x.device)
     x_lora = None
     if training and any(s.dropout > 0.0 for s in segments):
         x_lora = segment_dropout(x.unsqueeze(0), segments, training)[0]
-    return _ExpertLinear.apply(x, x_lora, tuple(weights), counts, runs, tuple(lora_a), tuple(lora_b), lora_a[0])
+    anchor = next((p for p in (*lora_a, *lora_b) if p.requires_grad), None)  # (one that trains)
+    return _ExpertLinear.apply(x, x_lora, tuple(weights), counts, runs, tuple(lora_a), tuple(lora_b), anchor)

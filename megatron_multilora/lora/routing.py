@@ -45,17 +45,22 @@ class AdapterRouting:
         """Some sample of this micro-batch trains some LoRA layer (its loss then has a graph to them)."""
         return any(self._segments.values())
 
-    def tokens_per_sample(self, shape) -> int:
-        """How the rows of an activation of this micro-batch are laid out: 1 for megatron's [s, b, h] (segments
-        run along the samples, dimension 1), s for the token-major [b * s, 1, h] (model.token_major; segments run
-        along the tokens of dimension 0)."""
+    def token_major(self, shape) -> bool:
+        """How the rows of an activation of this micro-batch are laid out: megatron's [s, b, h] (False: segments run
+        along the samples, dimension 1) or token-major [b * s, 1, h] (True: model.token_major, segments run along
+        the tokens of dimension 0, s of them per sample -- one, for one-token samples). A one-sample [s, 1, h] is
+        taken as [s, b, h]: the same rows either way."""
         samples = self.sample_slots.numel()
         if shape[1] == samples:
-            return 1
+            return False
         if shape[1] == 1 and shape[0] % samples == 0:
-            return shape[0] // samples
+            return True
         raise ValueError(f"an activation of shape {tuple(shape)} is neither [s, {samples}, h] nor token-major "
                          f"[{samples} * s, 1, h] for this micro-batch of {samples} samples")
+
+    def tokens_per_sample(self, shape) -> int:
+        """Rows of one sample along the segments' dimension: s token-major, else 1."""
+        return shape[0] // self.sample_slots.numel() if self.token_major(shape) else 1
 
     def segments(self, kind: str, tokens_per_sample: int = 1) -> list[Segment]:
         """The kind's segments along the samples, or along the tokens when `tokens_per_sample` > 1."""
@@ -83,16 +88,17 @@ class AdapterRouting:
         return segments
 
     def tokens_grouped_by_slot(self, shape) -> bool:
-        """Are each slot's tokens one block in an activation's flattened order (the MoE dispatcher's)? A slot's
-        samples are one block of the micro-batch, so they are unless each position interleaves the samples
-        (megatron's [s, b, h] with several samples and positions)."""
-        return self.sample_slots.numel() == 1 or self.tokens_per_sample(shape) > 1 or shape[0] == 1
+        """Are each adapter slot's tokens one block in an activation's flattened order (the MoE dispatcher's)? A
+        slot's samples are one block of the micro-batch (base-only samples may be split, but carry no LoRA), so
+        they are unless each position interleaves the samples (megatron's [s, b, h] with s > 1 and b > 1)."""
+        return self.sample_slots.numel() == 1 or self.token_major(shape) or shape[0] == 1
 
     def token_slots(self, shape) -> torch.Tensor:
         """The slot of every token of an activation of this micro-batch ([s, b, h] or token-major [b * s, 1, h])
         in its flattened order (the MoE dispatcher's)."""
-        per = self.tokens_per_sample(shape)
-        return self.sample_slots.repeat(shape[0]) if per == 1 else self.sample_slots.repeat_interleave(per)
+        if self.token_major(shape):
+            return self.sample_slots.repeat_interleave(self.tokens_per_sample(shape))
+        return self.sample_slots.repeat(shape[0])
 
     @contextlib.contextmanager
     def active(self):
