@@ -61,9 +61,8 @@ def _slot_grouped(gpt):
         dispatcher = getattr(layer.mlp, "token_dispatcher", None)
         if dispatcher is not None and hasattr(dispatcher, "local_map"):  # allgather
             per_expert = dispatcher.lora_permuted_slots.split(dispatcher.local_map.sum(0).tolist())
-            for s in per_expert:  # (base-only tokens, which carry no LoRA, may be split)
-                s = s[s != -1]
-                out.append((s.unique_consecutive().numel() == s.unique().numel(), s.unique().numel() > 1))
+            # (the micro-batch's base-only samples are one block too: they count as a slot here)
+            out += [(s.unique_consecutive().numel() == s.unique().numel(), s.unique().numel() > 1) for s in per_expert]
     return out  # [(grouped, several slots)] per local expert
 
 
