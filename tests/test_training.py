@@ -92,6 +92,17 @@ def test_a_tenants_losses_do_not_depend_on_other_tenants(data):
         assert got == pytest.approx(want, rel=1e-5) and got[0] > 0, key
 
 
+def test_one_token_samples_train_each_tenant_as_alone(data):
+    """seq_length 1: a token-major micro-batch is [b, 1, h], its samples along dimension 0 (it was read as one
+    sample of b tokens: the dense LoRA crashed, the experts' token slots were b^2)."""
+    cfg = run_config(data, tenants=("txt",), seq_length=1)
+    other = dict(cfg["tenants"][0], name="txt2", rank=4, alpha=4, lr=0.02, target_modules=["expert_fc1"])
+    together = run_world(_train, 1, dict(cfg, tenants=[other, *cfg["tenants"]]), 2)[0]["history"]
+    alone = run_world(_train, 1, cfg, 2)[0]["history"]
+    a, b = _losses(together, "txt"), _losses(alone, "txt")
+    assert len(a) == 2 and a[0] > 0 and a == pytest.approx(b, rel=1e-5)
+
+
 def test_lora_dropout_is_replayed_exactly_by_activation_recompute(data):
     """Recompute re-runs each layer's forward in backward: a tenant's LoRA dropout must draw the same masks
     there (megatron restores the RNG state around it), or its gradient would belong to other masks."""
