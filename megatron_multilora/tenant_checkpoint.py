@@ -446,6 +446,8 @@ def adapter_sharded_state_dict(entries, slot: int, rank: int, optimizer=None, *,
                 else:
                     dtype = param.dtype if prefix == "" else torch.float32
                     sources[prefix] = torch.zeros(_slice_rank(e.which, param.detach()[slot], rank).shape, dtype=dtype)
+        elif with_master and for_load:  # (the weights of an fp32 run, from a checkpoint's masters: no moments)
+            sources[_MASTER_PREFIX] = torch.zeros(sources[""].shape, dtype=torch.float32)
         for prefix, tensor in sources.items():
             tensor = torch.zeros_like(tensor) if for_load else tensor.detach().clone().contiguous()
             key = e.key if not prefix else f"optimizer.state.{prefix}.{e.key}"

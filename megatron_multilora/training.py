@@ -556,7 +556,10 @@ class MultiLoRATrainer:
     def _load_tenant_tensors(self, name: str, slot: int, directory, common: dict, optimizer: bool = True) -> None:
         record = self.table.record(name)
         entries = ckpt.adapter_entries(self.table, record, self._param_names)
-        with_master = optimizer and common.get("has_master", False)  # (an fp32 run takes them as its weights)
+        # (an fp32 run takes a checkpoint's fp32 masters as its weights, evaluating too; a run that keeps masters
+        # loads them with its optimizer state)
+        with_master = common.get("has_master", False) and (optimizer or all(p.dtype == torch.float32
+                                                                             for p in self.params))
         sharded = ckpt.adapter_sharded_state_dict(entries, slot, record.spec.rank,
                                                   self.optimizer if optimizer else None, for_load=True,
                                                   with_master=with_master)

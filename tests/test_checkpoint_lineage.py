@@ -224,6 +224,15 @@ def _lineage_world(d: str) -> dict:
     fp.train_iteration()
     out["fp32_steps"] = fp.tenants["x"].steps
     fp.close()
+    # ... and an fp32 run that only evaluates it (scoped, not running) sees the same masters as its weights
+    fp = _trainer({**cfg, "model": "tiny-dense", "tenants": [], "load": str(bf_dir), "save": None},
+                  validated=False)
+    fp.release_tenant("x", finished=False)  # (resumed with the run; scope it from its checkpoint instead)
+    with fp.scoped("x") as scope:
+        scoped = {f"{n}.master": p.detach()[scope.slot].clone() for n, p in lora_parameters(fp.model)}
+    out["scoped_weights_are_masters"] = masters.keys() == scoped.keys() and all(
+        torch.equal(masters[k], scoped[k]) for k in masters)
+    fp.close()
     return out
 
 
@@ -285,6 +294,7 @@ def test_a_resume_reads_tenant_data_where_the_config_now_lists_it(lineage):
 
 def test_a_tenant_trained_in_bf16_resumes_in_fp32_from_its_masters(lineage):
     assert lineage["fp32_weights_are_masters"] and lineage["fp32_finer_than_bf16"]
+    assert lineage["scoped_weights_are_masters"]
     assert lineage["fp32_steps"] == 3
 
 
