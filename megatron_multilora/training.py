@@ -231,7 +231,8 @@ class MultiLoRATrainer:
         steps: joining mid-run it cannot take them all, and its learning rate would stop short of min_lr -- said,
         with the fix. (Iterations it sits out later, under max_samples_per_iteration, shorten it too.)"""
         tc, steps = tenant.config, tenant.steps
-        if tc.lr_decay_style == "constant" or tc.lr_decay_iters is not None or tc.train_iters is not None:
+        if (tc.lr_decay_style == "constant" or tc.lr_decay_iters is not None or tc.train_iters is not None
+                or tc.min_lr >= tc.lr or self.run.train_iters is None):  # (a program may run unvalidated)
             return
         left = self.run.train_iters - self.iteration
         if steps + left < self.run.train_iters:
