@@ -3,8 +3,7 @@
 Only flags actually given override the YAML (paths given on the command line are relative to the working
 directory; paths in the YAML to the YAML's directory). Tenants come from the YAML's ``tenants`` list and / or
 ``--tenants-dir`` (one YAML file per tenant, read by the job at every iteration boundary). Per-tenant optimizer
-flags (``--lr``, ``--global-batch-size``,
-...) are *defaults* for tenants that do not set the field themselves.
+flags (``--lr``, ``--global-batch-size``, ...) are *defaults* for tenants that do not set the field themselves.
 
     from megatron_multilora.arguments import parse_run_config
     run = parse_run_config()          # sys.argv; validated for $WORLD_SIZE processes

@@ -243,6 +243,12 @@ class TenantConfig:
             return self.lr_decay_iters
         return self.train_iters if self.train_iters is not None else run_train_iters
 
+    @property
+    def decays_over_run(self) -> bool:
+        """Its learning rate decays over the run's train_iters (counted in its own steps): a decaying schedule
+        with neither its own lr_decay_iters nor its own train_iters."""
+        return self.lr_decay_style != "constant" and self.lr_decay_iters is None and self.train_iters is None
+
     def lr_schedule(self, run_train_iters: int | None):
         """This tenant's :class:`megatron_multilora.optim.LRSchedule`."""
         from megatron_multilora.optim import LRSchedule

@@ -231,8 +231,7 @@ class MultiLoRATrainer:
         steps: joining mid-run it cannot take them all, and its learning rate would stop short of min_lr -- said,
         with the fix. (Iterations it sits out later, under max_samples_per_iteration, shorten it too.)"""
         tc, steps = tenant.config, tenant.steps
-        if (tc.lr_decay_style == "constant" or tc.lr_decay_iters is not None or tc.train_iters is not None
-                or tc.min_lr >= tc.lr or self.run.train_iters is None):  # (a program may run unvalidated)
+        if not tc.decays_over_run or tc.min_lr >= tc.lr or self.run.train_iters is None:  # (unvalidated runs)
             return
         left = self.run.train_iters - self.iteration
         if steps + left < self.run.train_iters:
@@ -740,8 +739,7 @@ class MultiLoRATrainer:
         here it is allowed, and said)."""
         if saved_train_iters in (None, self.run.train_iters):
             return
-        moved = sorted(n for n, t in self.tenants.items() if t.config.lr_decay_style != "constant"
-                       and t.config.lr_decay_iters is None and t.config.train_iters is None)
+        moved = sorted(n for n, t in self.tenants.items() if t.config.decays_over_run)
         if moved:
             self.metrics.note(f"train_iters {saved_train_iters} -> {self.run.train_iters}: the learning-rate decay of "
                               f"{moved} follows the new length from here (set lr_decay_iters to keep a schedule)")
