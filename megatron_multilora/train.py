@@ -55,8 +55,8 @@ def main(argv=None) -> int:
             saved = "no checkpoint saved"
             if trainer is not None:
                 trainer.metrics.close()  # what TensorBoard still buffers
-                if trainer._saved_iteration is not None:
-                    saved = f"latest checkpoint: iteration {trainer._saved_iteration}"
+                if trainer.saved_iteration is not None:
+                    saved = f"latest checkpoint: iteration {trainer.saved_iteration}"
                 saved = f"at iteration {trainer.iteration}; {saved}"
             print(f"interrupted {saved}", file=sys.stderr)
             code = 130

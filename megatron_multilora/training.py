@@ -227,17 +227,25 @@ class MultiLoRATrainer:
         return slot
 
     def _note_short_schedule(self, tenant: Tenant) -> None:
-        """A tenant without its own train_iters / lr_decay_iters decays over the run's train_iters counted in ITS
-        steps: joining mid-run it cannot take them all, and its learning rate would stop short of min_lr -- said,
-        with the fix. (Iterations it sits out later, under max_samples_per_iteration, shorten it too.)"""
+        """A decaying learning rate that would stop short of min_lr, said with the fix: a tenant decaying over the
+        run's train_iters counted in ITS steps cannot take them all when it joins mid-run, nor one whose data
+        (max_epochs) runs out first. (Iterations it sits out under max_samples_per_iteration shorten it too.)"""
         tc, steps = tenant.config, tenant.steps
-        if not tc.decays_over_run or tc.min_lr >= tc.lr or self.run.train_iters is None:  # (unvalidated runs)
+        decay = None if tc.lr_decay_style == "constant" else tc.decay_iters(self.run.train_iters)
+        if decay is None or tc.min_lr >= tc.lr:  # (no decay, nothing to decay, or an unvalidated run's)
             return
-        left = self.run.train_iters - self.iteration
-        if steps + left < self.run.train_iters:
+        run_left = None if self.run.train_iters is None else self.run.train_iters - self.iteration
+        data_left = self.source.steps_left(tc.name)
+        own_left = None if tc.train_iters is None else tc.train_iters - steps
+        if data_left is not None and steps + data_left < decay and all(
+                other is None or data_left < other for other in (run_left, own_left)):
+            self.metrics.note(f"tenant {tc.name}: its learning rate decays over {decay} of its own steps; with "
+                              f"{steps} done its data (max_epochs {tc.max_epochs}) lasts {data_left} more, ending "
+                              f"above min_lr (set its lr_decay_iters to {steps + data_left} to fit)")
+        elif tc.decays_over_run and run_left is not None and steps + run_left < decay:
             self.metrics.note(f"tenant {tc.name}: its learning rate decays over the run's train_iters "
                               f"({self.run.train_iters}) of its own steps; at iteration {self.iteration} with "
-                              f"{steps} done it can take {left} more, ending above min_lr (set its train_iters or "
+                              f"{steps} done it can take {run_left} more, ending above min_lr (set its train_iters or "
                               f"lr_decay_iters to fit)")
 
     def _moved_data(self, saved: TenantConfig, data_paths: dict) -> TenantConfig:
@@ -376,6 +384,11 @@ class MultiLoRATrainer:
         return results
 
     # ---- the loop --------------------------------------------------------------------------------------
+    @property
+    def saved_iteration(self) -> int | None:
+        """The iteration of the newest run checkpoint this trainer wrote or loaded (None: none yet)."""
+        return self._saved_iteration
+
     def train(self) -> None:
         """Train until the run's train_iters (or until no tenant is left and none joins within
         tenants_dir_idle_wait); evaluate and save at the end."""

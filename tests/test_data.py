@@ -239,13 +239,15 @@ def test_max_epochs_exhausts_with_a_partial_last_batch(datasets):
     source = MultiAdapterDataSource(seed=0)
     source.add_tenant("b", datasets["b"], 4, max_epochs=2)
     source.add_tenant("a", datasets["a"], 1)
-    counts, exhausted = [], []
+    counts, exhausted, steps_left = [], [], [source.steps_left("b")]
     for _ in range(4):
         plan = source.next_iteration(SLOTS)
         counts.append(plan.samples_per_tenant.get("b"))
         exhausted.append(plan.exhausted)
+        steps_left.append(source.steps_left("b"))
     assert counts == [4, 4, 2, None]  # 10 samples = 2 epochs, then b is no longer planned
     assert exhausted == [[], [], ["b"], []]
+    assert steps_left == [3, 2, 1, 0, 0] and source.steps_left("a") is None  # (a: no max_epochs, no end)
     assert not source.is_active("b") and source.is_active("a")
     assert plan.tenants == ["a"]
 

@@ -48,12 +48,21 @@ class _Stream:
     def active(self) -> bool:
         return self.max_epochs is None or self.epoch < self.max_epochs
 
+    def _samples_left(self) -> int | None:
+        """Samples still to take before max_epochs ends (None without max_epochs: the stream never ends)."""
+        if self.max_epochs is None:
+            return None
+        return (self.max_epochs - self.epoch) * len(self.dataset) - self.position
+
     def batch_size(self) -> int:
         """Samples the next step takes: the global batch size, or what is left of the last epoch."""
-        if self.max_epochs is None:
-            return self.global_batch_size
-        left = (self.max_epochs - self.epoch) * len(self.dataset) - self.position
-        return min(self.global_batch_size, left)
+        left = self._samples_left()
+        return self.global_batch_size if left is None else min(self.global_batch_size, left)
+
+    def steps_left(self) -> int | None:
+        """Optimizer steps its data still gives (the last one maybe a partial batch); None: no end."""
+        left = self._samples_left()
+        return None if left is None else -(-left // self.global_batch_size)
 
     def take(self, count: int) -> list[int]:
         indices: list[int] = []
@@ -152,6 +161,10 @@ class MultiAdapterDataSource:
     def is_active(self, name: str) -> bool:
         """False once a tenant with ``max_epochs`` has used up its data."""
         return self._stream(name).active
+
+    def steps_left(self, name: str) -> int | None:
+        """Steps a tenant with ``max_epochs`` can still take before its data is used up (None: no limit)."""
+        return self._stream(name).steps_left()
 
     def tenant_state(self, name: str) -> dict:
         return self._stream(name).state()
