@@ -239,9 +239,12 @@ class MultiLoRATrainer:
         own_left = None if tc.train_iters is None else tc.train_iters - steps
         if data_left is not None and steps + data_left < decay and all(
                 other is None or data_left < other for other in (run_left, own_left)):
+            fit = steps + data_left
+            fix = (f"set its lr_decay_iters to {fit} to fit" if fit > tc.lr_warmup_iters else
+                   f"it ends within its lr_warmup_iters {tc.lr_warmup_iters}: lower them or raise max_epochs")
             self.metrics.note(f"tenant {tc.name}: its learning rate decays over {decay} of its own steps; with "
                               f"{steps} done its data (max_epochs {tc.max_epochs}) lasts {data_left} more, ending "
-                              f"above min_lr (set its lr_decay_iters to {steps + data_left} to fit)")
+                              f"above min_lr ({fix})")
         elif tc.decays_over_run and run_left is not None and steps + run_left < decay:
             self.metrics.note(f"tenant {tc.name}: its learning rate decays over the run's train_iters "
                               f"({self.run.train_iters}) of its own steps; at iteration {self.iteration} with "

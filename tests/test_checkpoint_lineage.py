@@ -176,16 +176,17 @@ def _lineage_world(d: str) -> dict:
     # Tenants joining at iteration 3 of 8: one whose decay follows the run's train_iters (8 of its own steps, 5
     # left) is named, and one whose data (8 samples, max_epochs 1: 2 steps) runs out first; one with its own
     # train_iters, one decaying over its own lr_decay_iters, one whose min_lr is its lr (nothing to decay), and
-    # one whose lr_decay_iters fits its data, are not.
+    # one whose lr_decay_iters fits its data, are not (one whose data ends within its warm-up is told so).
     from megatron_multilora.config import tenant_from_dict
 
     notes.clear()
-    run = _trainer(tr.run_config([x], eval_interval=None, lora={"max_slots": 7, "max_rank": 8}))
+    run = _trainer(tr.run_config([x], eval_interval=None, lora={"max_slots": 8, "max_rank": 8}))
     for _ in range(3):
         run.train_iteration()
     for name, fields in (("late", {}), ("own", {"train_iters": 4}), ("short", {"lr_decay_iters": 5}),
                          ("flat", {"min_lr": 5.0e-3}), ("epochs", {"count": 8, "max_epochs": 1}),
-                         ("fits", {"count": 8, "max_epochs": 1, "lr_decay_iters": 2})):
+                         ("fits", {"count": 8, "max_epochs": 1, "lr_decay_iters": 2}),
+                         ("warm", {"count": 8, "max_epochs": 1, "lr_warmup_iters": 3})):
         run.add_tenant(tenant_from_dict(tr.tenant(d, name, rank=4, seed=9, valid=False, **fields), "test"))
     out["late_running"] = sorted(run.tenants)
     out["late_notes"] = [n for n in notes if "ending above min_lr" in n]
@@ -289,13 +290,15 @@ def test_a_longer_train_iters_on_resume_names_the_schedules_it_moves(lineage):
 
 
 def test_a_tenant_joining_too_late_or_with_too_little_data_for_its_decay_is_named(lineage):
-    assert lineage["late_running"] == ["epochs", "fits", "flat", "late", "own", "short", "x"]
+    assert lineage["late_running"] == ["epochs", "fits", "flat", "late", "own", "short", "warm", "x"]
     assert lineage["no_train_iters_running"] == ["free"]
     assert lineage["late_notes"] == [
         "tenant late: its learning rate decays over the run's train_iters (8) of its own steps; at iteration 3 "
         "with 0 done it can take 5 more, ending above min_lr (set its train_iters or lr_decay_iters to fit)",
         "tenant epochs: its learning rate decays over 8 of its own steps; with 0 done its data (max_epochs 1) "
-        "lasts 2 more, ending above min_lr (set its lr_decay_iters to 2 to fit)"]
+        "lasts 2 more, ending above min_lr (set its lr_decay_iters to 2 to fit)",
+        "tenant warm: its learning rate decays over 8 of its own steps; with 0 done its data (max_epochs 1) "
+        "lasts 2 more, ending above min_lr (it ends within its lr_warmup_iters 3: lower them or raise max_epochs)"]
 
 
 def test_releasing_a_tenant_without_a_slot_is_named(lineage):
