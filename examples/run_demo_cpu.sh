@@ -6,7 +6,12 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 .venv/bin/python tools/make_demo_data.py --out demo_data >/dev/null
 OUT=${OUT:-runs/demo}
-rm -rf "$OUT"
+# A fresh demo replaces $OUT; a resume keeps it (e.g. `bash examples/run_demo_cpu.sh --load runs/demo/checkpoints
+# --train-iters 300`: the checkpoints it loads, the metrics it appends to).
+case " $* " in
+    *" --load "* | *" --load="*) ;;
+    *) rm -rf "$OUT" ;;
+esac
 
 DISTRIBUTED_ARGS=(--standalone --nproc-per-node 2)  # standalone: a free local port, picked at run time
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size 2)

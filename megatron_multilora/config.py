@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -660,6 +661,12 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
         if model is not None:
             data = {**data, "model": model.to_dict()}
     data = _merge_overrides(data, overrides)
+    if data.get("tokenizer") is None and data.get("load_base"):
+        # An imported base ships its model's tokenizer.json (convert_checkpoint.py import-hf): its token ids are
+        # the ones the base was trained on ("byte" keeps the byte-level tokenizer).
+        found = _base_tokenizer(Path(data["load_base"]))
+        if found is not None:
+            data = {**data, "tokenizer": str(found)}
     _check_keys(RunConfig, data, "")
     missing = [k for k in _required(RunConfig) if k not in data]
     if missing:
@@ -674,6 +681,18 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
     if data.get("tenant_defaults") is None:
         data["tenant_defaults"] = {}
     return RunConfig(**data)
+
+
+def _base_tokenizer(load_base: Path) -> Path | None:
+    """The tokenizer.json beside a base checkpoint (or beside the iteration a Megatron-LM pointer names)."""
+    from .checkpointing import resolve_base_dir
+
+    places = [load_base]
+    try:
+        places.append(resolve_base_dir(load_base))
+    except (FileNotFoundError, ValueError):
+        pass  # (validation names a missing or broken base)
+    return next((d / "tokenizer.json" for d in places if (d / "tokenizer.json").is_file()), None)
 
 
 def load_run_config(source: str | Path | dict, overrides: dict | None = None) -> RunConfig:
@@ -1053,6 +1072,16 @@ def base_identity(run: RunConfig) -> dict:
         run.tensor_model_parallel_size, run.pipeline_model_parallel_size, run.expert_model_parallel_size]}
 
 
+def tokenizer_identity(run: RunConfig) -> dict:
+    """The tokenizer of ``run`` as its run checkpoints record it: the file and a hash of its content (another
+    tokenizer turns every tenant's text into other token ids)."""
+    if run.tokenizer is None:
+        return {"file": "byte", "sha256": "byte"}
+    path = Path(run.tokenizer)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    return {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def _base_problems(run: RunConfig, load: Path) -> list[str]:
     """A resume on another base than its checkpoint's (the tenants would go on training against other weights,
     with no error anywhere): another model, a random base for a saved one, or a random base drawn with another
@@ -1060,16 +1089,28 @@ def _base_problems(run: RunConfig, load: Path) -> list[str]:
     from .tenant_checkpoint import CheckpointError, RUN_DIR, iter_name, read_manifest, read_tracker
 
     try:
-        saved = read_manifest(load / RUN_DIR / iter_name(read_tracker(load))).get("meta", {}).get("base")
+        meta = read_manifest(load / RUN_DIR / iter_name(read_tracker(load))).get("meta", {})
     except CheckpointError:
         return []  # (the trainer names a damaged checkpoint)
+    problems = []
+    saved_tokenizer = meta.get("tokenizer")  # (checkpoints before it was recorded: not checked)
+    if saved_tokenizer is not None:
+        try:
+            mine_tokenizer = tokenizer_identity(run)
+        except OSError:  # (named with the data checks: tokenizer file not found)
+            mine_tokenizer = saved_tokenizer
+        if saved_tokenizer["sha256"] != mine_tokenizer["sha256"]:
+            problems.append(f"load: {load} was trained with the tokenizer {saved_tokenizer['file']}; this run "
+                            f"tokenizes with {mine_tokenizer['file']}, other token ids for every tenant's data "
+                            f"(give --tokenizer {saved_tokenizer['file']}, or the same file elsewhere)")
+    saved = meta.get("base")
     if saved is None:
-        return []
+        return problems
     mine = base_identity(run)
     where = f"load: {load} was trained on"
     if saved["load_base"] is not None and mine["load_base"] is None:
-        return [f"{where} the base in {saved['load_base']}; this run would build a random one: pass --load-base"]
-    problems = []
+        return problems + [
+            f"{where} the base in {saved['load_base']}; this run would build a random one: pass --load-base"]
     changed = field_changes(saved["model"], mine["model"])
     if changed:
         problems.append(f"{where} another model: {', '.join(changed)}")

@@ -10,7 +10,7 @@ A Hugging Face model directory (``config.json`` + ``*.safetensors``, sharded or 
 * :func:`import_hf` builds the GPTModel in one process, copies the converted weights in (every base tensor
   must be written once, every Hugging Face tensor used), and writes it with ``checkpointing.save_base`` plus
   ``model.yaml``, so it loads at any TP/PP/EP layout (``--load-base DIR``), and the model's ``tokenizer.json``
-  beside them when it has one (``--tokenizer DIR``).
+  beside them when it has one (a run with ``--load-base DIR`` takes it).
 """
 
 from __future__ import annotations
@@ -487,11 +487,11 @@ def load_into(gpt, tensors: Iterator[tuple[str, torch.Tensor]], source_keys: lis
 
 
 def _copy_tokenizer(hf_dir, out_dir, log) -> None:
-    """The model's tokenizer.json goes next to the base, so a run needs only the base (``--tokenizer BASE``)."""
+    """The model's tokenizer.json goes next to the base, so a run needs only the base (``--load-base`` takes it)."""
     source = Path(hf_dir) / "tokenizer.json"
     if source.is_file():
         shutil.copyfile(source, Path(out_dir) / "tokenizer.json")
-        log(f"copied tokenizer.json: train with --load-base {out_dir} --tokenizer {out_dir}")
+        log(f"copied tokenizer.json: train with --load-base {out_dir} (which takes it)")
     else:
         log("note: the Hugging Face directory has no tokenizer.json: give --tokenizer when training")
 

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from . import checkpointing, platform
 from . import model as model_lib
 from . import tenant_checkpoint as ckpt
-from .config import ConfigError, RunConfig, TenantConfig, base_identity, field_changes, tenant_from_dict
+from .config import (ConfigError, RunConfig, TenantConfig, base_identity, field_changes, tenant_from_dict,
+                     tokenizer_identity)
 from .data.datasets import DataError, TenantDataset
 from .data.source import PAD_SLOT, MultiAdapterDataSource
 from .data.tokenizer import build_tokenizer
@@ -101,6 +102,7 @@ class MultiLoRATrainer:
         self.run = run
         self.seq_length = run.seq_length  # resolved: the model's max_position_embeddings when unset
         self.tokenizer = build_tokenizer(run.tokenizer)
+        self._tokenizer_identity = tokenizer_identity(run)  # (recorded in run checkpoints: a resume must match)
         if self.tokenizer.vocab_size > run.model.vocab_size:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is {run.model.vocab_size}"
@@ -150,6 +152,8 @@ class MultiLoRATrainer:
             run.tensorboard_dir, run.metrics_file,
             enabled=dist.get_rank() == dist.get_world_size() - 1, train_iters=run.train_iters,
         )
+        if run.tokenizer is not None:  # (said: by default the one a --load-base ships)
+            self.metrics.note(f"tokenizer: {self._tokenizer_identity['file']} ({self.tokenizer.vocab_size} tokens)")
         self._param_names = {id(p): n for n, p in lora_parameters(self.model)}
         self.run_id = ckpt.broadcast_object(uuid.uuid4().hex)  # names this run's lineage in its checkpoints
         self._saved_iteration: int | None = None  # newest run checkpoint written or loaded
@@ -636,7 +640,8 @@ class MultiLoRATrainer:
         state = self._run_state()
         root = ckpt.run_root(save)
         ckpt.save_sharded(root, it, {"run": state, "rng_state": ckpt.rng_sharded_object(ckpt.rng_state())},
-                          {"iteration": it, "run_id": self.run_id, "base": base_identity(self.run)},
+                          {"iteration": it, "run_id": self.run_id, "base": base_identity(self.run),
+                           "tokenizer": self._tokenizer_identity},
                           before_promote=lambda: kill_point("save", it, "run"), tracker=False)
         kill_point("save", it, "pointer")
         ckpt.on_rank0(ckpt.write_tracker, Path(save).resolve(), it)

@@ -335,6 +335,12 @@ def test_a_resume_on_another_base_is_refused_before_any_model_is_built(lineage, 
         return ""
 
     assert problems() == "" and problems(model={"preset": "tiny-dense", "params_dtype": "bfloat16"}) == ""
+    # another tokenizer turns every tenant's text into other token ids
+    from tokenizers import Tokenizer, models
+
+    other = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(other))
+    assert (f"was trained with the tokenizer byte; this run tokenizes with {other}" in problems(tokenizer=str(other)))
     assert problems(2) == ""  # DP=2
     drawn = "was trained on a random base drawn with seed 7 at TP1 PP1 EP1"
     assert drawn in problems(seed=8) and "(seed 8, TP1 PP1 EP1)" in problems(seed=8)

@@ -181,7 +181,8 @@ def test_megatron_lm_save_dir_loads(results, name):
 
 def test_tokenizer_travels_with_the_base(results, tmp_path):
     """import-hf copies the model's tokenizer.json next to the base, and `--load-base B --tokenizer B` is a valid
-    run (the launch scripts pass exactly that); a model without one gets none."""
+    run (the launch scripts pass exactly that); a model without one gets none. Without --tokenizer a run takes
+    the base's (the byte-level one would feed the base unrelated token ids); `--tokenizer byte` keeps it."""
     from megatron_multilora.arguments import parse_run_config
     from megatron_multilora.checkpointing import load_base_model_config
 
@@ -193,9 +194,16 @@ def test_tokenizer_travels_with_the_base(results, tmp_path):
     tenants = tmp_path / "tenants"
     tenants.mkdir()
     (tenants / "a.yaml").write_text(f"rank: 4\nlr: 1.0e-3\ntrain_data: {data}\n")
-    run = parse_run_config(["--load-base", str(base), "--tokenizer", str(base), "--tenants-dir", str(tenants),
-                            "--max-slots", "2", "--max-rank", "4", "--train-iters", "5"], world_size=1)
+    flags = ["--tenants-dir", str(tenants), "--max-slots", "2", "--max-rank", "4", "--train-iters", "5"]
+    run = parse_run_config(["--load-base", str(base), "--tokenizer", str(base), *flags], world_size=1)
     assert run.model.hidden_size == load_base_model_config(base).hidden_size and run.tokenizer == str(base)
+    assert parse_run_config(["--load-base", str(base), *flags], world_size=1).tokenizer == str(base / "tokenizer.json")
+    from megatron_multilora.config import ConfigError
+
+    # (these bases' vocabularies are smaller than the byte-level tokenizer's: refused, which shows it is the one)
+    for chosen in (["--load-base", str(base), "--tokenizer", "byte"], ["--load-base", results["base_dirs"]["qwen2"]]):
+        with pytest.raises(ConfigError, match="byte-level tokenizer needs model.vocab_size"):
+            parse_run_config([*chosen, *flags], world_size=1)
 
 
 def test_model_yaml_written(results):

@@ -4,7 +4,7 @@ Subcommands:
 
     import-hf     a Hugging Face model directory (config.json + *.safetensors) -> a base checkpoint for
                   ``--load-base`` (megatron dist_checkpointing, loadable at any TP/PP/EP layout) + model.yaml
-                  (+ the model's tokenizer.json, for ``--tokenizer``)
+                  (+ the model's tokenizer.json, which ``--load-base`` takes)
 
     export-peft   a tenant checkpoint (<save>/tenants/<name>[/iter_XXXXXXX]) -> a PEFT LoRA adapter directory
                   (adapter_config.json + adapter_model.safetensors) for transformers + peft, vLLM, SGLang
@@ -51,7 +51,7 @@ def add_import_hf(subparsers) -> None:
             "Convert a Hugging Face model directory (config.json and *.safetensors, sharded or not) to a "
             "megatron-multilora base checkpoint: megatron-core dist_checkpointing (loadable at any TP/PP/EP "
             "layout) plus DIR/model.yaml, the model config a run uses when it has no model section, and "
-            "the model's tokenizer.json when it has one (--tokenizer DIR). Runs in one process on the CPU. "
+            "the model's tokenizer.json when it has one (--load-base DIR takes it). Runs in one process on the CPU. "
             + SUPPORTED_SUMMARY[0].upper() + SUPPORTED_SUMMARY[1:]
         ),
     )
