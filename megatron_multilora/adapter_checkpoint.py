@@ -113,7 +113,9 @@ def write_tenant_checkpoint(
     source: str = "import",
 ) -> Path:
     """Write ``<save>/tenants/<name>/iter_XXXXXXX`` (and its tracker) holding the tenant's weights (in ``dtype``,
-    the run's params_dtype), zero Adam moments, optimizer step 0 and a fresh data position. ``tenant_config``:
+    the run's params_dtype; below fp32, the given weights also as the fp32 masters a run trains from, so that
+    an fp32 adapter on a bf16 base keeps every bit), zero Adam moments, optimizer step 0 and a fresh data
+    position. ``tenant_config``:
     the TenantConfig fields stored as its spec (rank, alpha, rslora, dropout, init and target_modules are
     taken from ``spec``). Every rank of the current process group must call it (one process is enough)."""
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -133,22 +135,24 @@ def write_tenant_checkpoint(
     from .config import tenant_from_dict
 
     config = tenant_from_dict(config, f"tenant {name!r}").to_dict()  # the trainer reads it back with this
-    sharded = {}
+    sharded, has_master = {}, dtype != torch.float32
     for layer, (a, b) in sorted(tensors.items()):
         if a.shape[0] != spec.rank or b.shape[1] != spec.rank:
             raise ValueError(f"{layer}: A {tuple(a.shape)} / B {tuple(b.shape)} are not of rank {spec.rank}")
         for key, t in ((f"{layer}.lora_A", a), (f"{layer}.lora_B", b)):
             if _is_blocked_b(key):
                 t = t.reshape(2, t.shape[0] // 2, t.shape[1])
-            for prefix in ("",) + _MOMENTS:
+            values = {"": t.to(dtype), **{m: torch.zeros(t.shape, dtype=torch.float32) for m in _MOMENTS}}
+            if has_master:
+                values[ckpt.MASTER_PREFIX] = t.to(torch.float32)
+            for prefix, value in values.items():
                 full = f"optimizer.state.{prefix}.{key}" if prefix else key
-                value = t.to(dtype) if not prefix else torch.zeros(t.shape, dtype=torch.float32)
                 sharded[full] = ShardedTensor.from_rank_offsets(full, value.contiguous().clone(), replica_id=0)
     run_id = f"{source}-{uuid.uuid4().hex}"
     meta = {
         "format": ckpt.FORMAT, "name": name, "iteration": iteration, "run_id": run_id, "spec": config,
         "rank": spec.rank, "alpha": alpha, "rslora": bool(spec.rslora), "targets": targets, "steps": 0,
-        "optimizer_step": 0, "data": None, "done": False, "has_master": False,
+        "optimizer_step": 0, "data": None, "done": False, "has_master": has_master,
     }
     sharded["tenant"] = meta
     with _process_group():

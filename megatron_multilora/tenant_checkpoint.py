@@ -403,8 +403,8 @@ def _slice_rank(which: str, per_slot: torch.Tensor, rank: int) -> torch.Tensor:
     return per_slot[:rank] if which == "a" else per_slot[:, :rank]
 
 
-_MASTER_PREFIX = "fp32_param"  # (Megatron-LM's name for the fp32 master copy of a bf16 / fp16 parameter)
-_OPT_KEYS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", _MASTER_PREFIX: "master"}
+MASTER_PREFIX = "fp32_param"  # (Megatron-LM's name for the fp32 master copy of a bf16 / fp16 parameter)
+_OPT_KEYS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", MASTER_PREFIX: "master"}
 
 
 @dataclass
@@ -447,7 +447,7 @@ def adapter_sharded_state_dict(entries, slot: int, rank: int, optimizer=None, *,
                     dtype = param.dtype if prefix == "" else torch.float32
                     sources[prefix] = torch.zeros(_slice_rank(e.which, param.detach()[slot], rank).shape, dtype=dtype)
         elif with_master and for_load:  # (the weights of an fp32 run, from a checkpoint's masters: no moments)
-            sources[_MASTER_PREFIX] = torch.zeros(sources[""].shape, dtype=torch.float32)
+            sources[MASTER_PREFIX] = torch.zeros(sources[""].shape, dtype=torch.float32)
         for prefix, tensor in sources.items():
             tensor = torch.zeros_like(tensor) if for_load else tensor.detach().clone().contiguous()
             key = e.key if not prefix else f"optimizer.state.{prefix}.{e.key}"
@@ -469,7 +469,7 @@ def apply_adapter_state(loaded: dict, entries, slot: int, rank: int, optimizer=N
         param[slot].zero_()
         weights = loaded[e.key]
         if with_master and param.dtype == torch.float32:
-            weights = loaded[f"optimizer.state.{_MASTER_PREFIX}.{e.key}"]
+            weights = loaded[f"optimizer.state.{MASTER_PREFIX}.{e.key}"]
         target.copy_(weights.reshape(target.shape).to(param.dtype))
     if optimizer is None:
         return

@@ -162,18 +162,25 @@ def _cli_round_trip(root, src, foreign_dir):
     return dict(cli_too_big=too_big.returncode, cli_save_2_exists=(root / "cli_save_2").exists())
 
 
-def _trainer_resumes(root, spec_fields, data):
-    """The trainer, told about the imported tenant, resumes it from <load>/tenants/foreign."""
+def _trainer_resumes(root, spec_fields, data, load="save", import_dtype=None):
+    """The trainer, told about the imported tenant, resumes it from <load>/tenants/foreign (first written there
+    in `import_dtype`, as import-peft writes it for a base of that dtype, when given)."""
     from megatron_multilora.config import load_run_config
     from megatron_multilora.training import MultiLoRATrainer
 
     root = Path(root)
+    if import_dtype is not None:
+        from megatron_multilora import adapter_checkpoint
+
+        spec, tensors = adapter_checkpoint.read_tenant_checkpoint(root / "save" / "tenants" / "foreign")
+        adapter_checkpoint.write_tenant_checkpoint(root / load, "foreign", spec, tensors,
+                                                   dtype=getattr(torch, import_dtype))
     cfg = {
         "model": str(root / "base_llama" / "model.yaml"), "load_base": str(root / "base_llama"),
         "lora": {"max_slots": 2, "max_rank": MAX_RANK},
         "tenants": [dict(name="foreign", lr=1e-3, train_data=data, **spec_fields)],
-        "seq_length": 16, "micro_batch_size": 2, "train_iters": 1, "load": str(root / "save"),
-        "save": str(root / "save2"), "eval_interval": None, "seed": 7,
+        "seq_length": 16, "micro_batch_size": 2, "train_iters": 1, "load": str(root / load),
+        "save": str(root / f"{load}_resumed"), "eval_interval": None, "seed": 7,
     }
     from megatron_multilora.adapter_checkpoint import read_tenant_checkpoint
 
@@ -184,7 +191,7 @@ def _trainer_resumes(root, spec_fields, data):
         loaded = {layer.global_name: tuple(t.detach().clone() for t in layer.slot_shards(slot, record.spec.rank))
                   for layer in trainer.table.layers if layer.lora_kind in record.targets}
         trainer.save_tenant("foreign")  # the trainer's own checkpoint reads back as full tensors
-        saved = read_tenant_checkpoint(root / "save2" / "tenants" / "foreign")
+        saved = read_tenant_checkpoint(root / f"{load}_resumed" / "tenants" / "foreign")
         return loaded, saved
     finally:
         trainer.close()
@@ -327,6 +334,11 @@ def test_trainer_resumes_an_imported_tenant(results):
                                       dict(rank=rank, alpha=alpha, target_modules=list(targets)), data)[0]
     assert _same(loaded, out["foreign_tensors"])
     assert _same(saved, out["foreign_tensors"]) and (spec.rank, spec.alpha, spec.target_modules) == out["foreign_spec"]
+    # imported for a bf16 base (import-peft writes the base's dtype): the fp32 adapter is kept as the masters,
+    # which an fp32 run takes as its weights -- every bit, not the bf16 rounding
+    loaded, _ = run_world(_trainer_resumes, 1, str(results["root"]),
+                          dict(rank=rank, alpha=alpha, target_modules=list(targets)), data, "save_bf16", "bfloat16")[0]
+    assert _same(loaded, out["foreign_tensors"])
 
 
 def test_per_expert_adapters_import_like_packed_ones(results):

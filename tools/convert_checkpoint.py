@@ -7,7 +7,8 @@ Subcommands:
                   (+ the model's tokenizer.json, which ``--load-base`` takes)
 
     export-peft   a tenant checkpoint (<save>/tenants/<name>[/iter_XXXXXXX]) -> a PEFT LoRA adapter directory
-                  (adapter_config.json + adapter_model.safetensors) for transformers + peft, vLLM, SGLang
+                  (adapter_config.json + adapter_model.safetensors) for transformers + peft (what the tests
+                  check; MoE experts go out as PEFT target_parameters, which serving engines may not take)
 
     import-peft   a PEFT LoRA adapter directory -> a tenant checkpoint a run resumes from (--load)
 
@@ -97,7 +98,7 @@ def run_import_hf(args) -> int:
 
 
 def _model_source(args):
-    """(ModelConfig, Hugging Face architecture or None) from --hf-dir, --base or --model (first given), else
+    """(ModelConfig, Hugging Face architecture or None) from --hf-dir, --base or --model (one of them), else
     from --base-model-name-or-path when it is a local Hugging Face directory."""
     from megatron_multilora import checkpointing, hf
     from megatron_multilora.config import model_config_from
@@ -137,9 +138,10 @@ def add_export_peft(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="PEFT adapter directory (created; must be empty or absent)")
     p.add_argument("--base-model-name-or-path", default=None,
                    help="recorded in adapter_config.json (what PeftModel.from_pretrained loads the base from)")
-    p.add_argument("--base", type=Path, help="base checkpoint directory whose model.yaml gives the model config")
-    p.add_argument("--hf-dir", type=Path, help="Hugging Face model directory whose config.json gives the model")
-    p.add_argument("--model", help="model preset name or model YAML file")
+    source = p.add_mutually_exclusive_group()  # (one source of the model's shape)
+    source.add_argument("--base", type=Path, help="base checkpoint directory whose model.yaml gives the model config")
+    source.add_argument("--hf-dir", type=Path, help="Hugging Face model directory whose config.json gives the model")
+    source.add_argument("--model", help="model preset name or model YAML file")
     p.set_defaults(func=run_export_peft)
 
 
@@ -191,7 +193,8 @@ def run_import_peft(args) -> int:
         args.save, args.name, spec, tensors, dtype=getattr(torch, mc.params_dtype), source="import-peft")
     _log(
         f"done: {args.peft_dir} -> {where}. Run it as a tenant with name: {args.name}, rank: {spec.rank}, alpha: "
-        f"{spec.alpha}, rslora: {str(spec.rslora).lower()}, target_modules: {list(spec.target_modules)} "
+        f"{spec.alpha}, rslora: {str(spec.rslora).lower()}, "
+        + (f"dropout: {spec.dropout}, " if spec.dropout else "") + f"target_modules: {list(spec.target_modules)} "
         f"(lora.max_rank >= {spec.rank}, and these targets among lora.target_modules) and --load {args.save}"
     )
     return 0
