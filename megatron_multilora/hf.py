@@ -305,6 +305,12 @@ class HFCheckpoint:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self._files = {k: self.directory / f for k, f in weight_map.items()}
+            for path in sorted(set(self._files.values())):  # every shard the index names, before any work
+                with self._open(path) as f:
+                    missing = sorted(set(k for k, p in self._files.items() if p == path) - set(f.keys()))
+                if missing:
+                    raise HFCheckpointError(f"{path} lacks {len(missing)} tensors its index names (e.g. "
+                                            f"{missing[0]}): an incomplete download?")
         else:
             # model.safetensors alone if present: some repositories also hold other formats of the same
             # weights (Mistral's consolidated.safetensors).

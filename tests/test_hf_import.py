@@ -339,6 +339,23 @@ def test_a_truncated_safetensors_file_is_named(results, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_a_missing_shard_is_named_before_any_conversion(results, tmp_path, capsys):
+    """(It was found when the conversion reached it: for a Mixtral-8x7B, after building the whole model.)"""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert_checkpoint
+    finally:
+        sys.path.pop(0)
+    broken = tmp_path / "hf"
+    shutil.copytree(results["hf_dirs"]["llama"], broken)  # (sharded: an index and several files)
+    shards = sorted(broken.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    assert convert_checkpoint.main(["import-hf", "--hf-dir", str(broken), "--save", str(tmp_path / "base")]) == 2
+    captured = capsys.readouterr()
+    assert f"error: cannot read {shards[-1]}" in captured.err
+    assert "converting" not in captured.out + captured.err and not (tmp_path / "base").exists()
+
+
 def test_a_missing_output_or_model_source_is_named_like_other_errors(tmp_path, capsys):
     """(They ended with SystemExit: exit code 1 and another message format than every other error.)"""
     sys.path.insert(0, str(ROOT / "tools"))
