@@ -113,6 +113,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         ("--moe-ffn-hidden-size", int, "hidden size of each expert"),
     ):
         g.add_argument(flag, type=kind, metavar="N", dest=_MODEL + flag[2:].replace("-", "_"), help=text)
+    g.add_argument("--bf16", action="store_const", const="bfloat16", dest=_MODEL + "params_dtype",
+                   help="the base (and the LoRA weights; the optimizer keeps fp32 masters) in bfloat16")
 
     g = parser.add_argument_group("LoRA pool", "adapter slots allocated once at start-up")
     g.add_argument("--max-slots", type=int, metavar="N", dest=_LORA + "max_slots",

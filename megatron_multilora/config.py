@@ -848,6 +848,10 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
     run.resolve()
     problems: list[str] = []
     m = run.model
+    if m.params_dtype == "float16":  # (megatron-LM trains fp16 only with a loss scaler)
+        problems.append("model.params_dtype float16: fp16 training needs loss scaling, which megatron-multilora "
+                        "does not do (small LoRA gradients would underflow to zero unnoticed): use bfloat16 (--bf16) "
+                        "or float32 (a float16 base loads as either)")
 
     # layout
     tp, pp, ep = run.tensor_model_parallel_size, run.pipeline_model_parallel_size, run.expert_model_parallel_size

@@ -172,7 +172,8 @@ def model_config_from_hf(
 ) -> ModelConfig:
     """Our ModelConfig for a Hugging Face config (a config.json mapping, or its model directory).
 
-    ``params_dtype`` None: the checkpoint's dtype (config ``dtype`` / ``torch_dtype``), float32 if unknown.
+    ``params_dtype`` None: the checkpoint's dtype (config ``dtype`` / ``torch_dtype``; float16 as bfloat16: runs
+    refuse fp16, having no loss scaling), float32 if unknown.
     Adjustments that keep the model exact (a sliding window longer than every allowed sequence) are
     appended to ``notes``. Raises :class:`UnsupportedModelError` listing every unsupported feature.
     """
@@ -225,6 +226,10 @@ def model_config_from_hf(
     if str(dtype) not in _DTYPES:
         problems.append(f"dtype {dtype!r}; only float32, bfloat16, float16")
     dtype = _DTYPES.get(str(dtype), "float32")
+    if dtype == "float16" and params_dtype is None:  # (runs refuse fp16: no loss scaling)
+        notes.append("the checkpoint is float16: imported as bfloat16, which runs train in (--params-dtype "
+                     "float32 keeps every bit)")
+        dtype = "bfloat16"
 
     moe: dict = {}
     if arch.moe:

@@ -485,6 +485,13 @@ def test_model_flags(run_yaml):
     with pytest.raises(ConfigError, match=r"--pipeline-model-parallel-size 2 must divide num_layers 3"):
         parse_run_config(["--config", str(run_yaml), "--num-layers", "3", "--pipeline-model-parallel-size", "2",
                           "--expert-model-parallel-size", "1"], world_size=2)
+    assert parse_run_config(["--config", str(run_yaml), "--bf16"], world_size=2).model.params_dtype == "bfloat16"
+
+
+def test_fp16_training_is_refused_for_want_of_loss_scaling(run_yaml):
+    """(It trained: LoRA gradients in fp16 with no loss scaler underflow to zero unnoticed.)"""
+    with pytest.raises(ConfigError, match=r"params_dtype float16: fp16 training needs loss scaling.*--bf16"):
+        validate(load_run_config(run_yaml, {"model": {"params_dtype": "float16"}}), 2)
 
 
 @pytest.mark.parametrize("field,value,error", [

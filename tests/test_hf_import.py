@@ -298,6 +298,17 @@ def test_sliding_window_caps_max_positions(capsys):
     assert hf.model_config_from_hf(_config("mistral", sliding_window=None)).max_position_embeddings == 64
 
 
+def test_a_float16_checkpoint_imports_as_bfloat16():
+    """Runs refuse fp16 (no loss scaling), so a float16 checkpoint (Llama-2's config says so) imports as bf16."""
+    from megatron_multilora import hf
+
+    notes: list[str] = []
+    assert hf.model_config_from_hf(_config("llama", torch_dtype="float16"), notes=notes).params_dtype == "bfloat16"
+    assert "the checkpoint is float16: imported as bfloat16" in notes[0]
+    assert hf.model_config_from_hf(_config("llama", torch_dtype="float16"), params_dtype="float32").params_dtype \
+        == "float32"
+
+
 def test_print_config(results, capsys):
     import yaml
 

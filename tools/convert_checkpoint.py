@@ -59,8 +59,9 @@ def add_import_hf(subparsers) -> None:
     p.add_argument("--hf-dir", required=True, type=Path, help="Hugging Face model directory")
     p.add_argument("--save", type=Path, help="output directory (created; must be empty or absent)")
     p.add_argument(
-        "--params-dtype", choices=("float32", "bfloat16", "float16"), default=None,
-        help="dtype of the saved weights (default: the checkpoint's config dtype, else float32)",
+        "--params-dtype", choices=("float32", "bfloat16"), default=None,
+        help="dtype of the saved weights (default: the checkpoint's config dtype -- float16 as bfloat16, as runs "
+             "train in no fp16 -- else float32)",
     )
     p.add_argument(
         "--print-config", action="store_true",
