@@ -37,6 +37,9 @@ class ModelConfig:
     vocab_size: int
     num_query_groups: int | None = None
     max_position_embeddings: int = 4096
+    # A Hugging Face model's attention window (Mistral): attention here is full causal, the same only for
+    # sequences that fit the window, so max_position_embeddings may not exceed it. None: no window.
+    sliding_window: int | None = None
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     untie_embeddings_and_output_weights: bool = True
@@ -72,6 +75,15 @@ class ModelConfig:
                 f"model.num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_query_groups {self.num_query_groups}"
             )
+        if self.sliding_window is not None:
+            if not isinstance(self.sliding_window, int) or self.sliding_window < 1:
+                raise ConfigError(f"model.sliding_window must be a positive integer or null, got "
+                                  f"{self.sliding_window!r}")
+            if self.max_position_embeddings > self.sliding_window:
+                raise ConfigError(
+                    f"model.max_position_embeddings {self.max_position_embeddings} exceeds sliding_window "
+                    f"{self.sliding_window}: attention here is full causal, which is this model's only for "
+                    f"sequences within its window")
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.params_dtype must be float32, bfloat16 or float16, got {self.params_dtype!r}")
         if self.num_experts is not None:

@@ -221,6 +221,8 @@ def model_config_from_hf(
             f"{window}, so every sequence fits the window and full causal attention is exact"
         )
         max_pos = int(window)
+    else:
+        window = None  # (every sequence fits it: no window to keep)
 
     dtype = params_dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if str(dtype) not in _DTYPES:
@@ -272,6 +274,7 @@ def model_config_from_hf(
             ffn_hidden_size=int(ffn),
             vocab_size=int(vocab),
             max_position_embeddings=max_pos,
+            sliding_window=None if window is None else int(window),
             rotary_base=rope_theta,
             norm_epsilon=float(cfg.get("rms_norm_eps", arch.default_rms_norm_eps)),
             untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),

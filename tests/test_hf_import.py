@@ -298,6 +298,29 @@ def test_sliding_window_caps_max_positions(capsys):
     assert hf.model_config_from_hf(_config("mistral", sliding_window=None)).max_position_embeddings == 64
 
 
+def test_a_run_cannot_lift_the_sliding_window_cap(tmp_path):
+    """The imported model records its window: max_position_embeddings (a field a run may otherwise change) can
+    not exceed it, and a model section without it is another model than the base (it trained with full
+    attention past the window, another model than Mistral's, with no word)."""
+    from megatron_multilora import hf
+    from megatron_multilora.checkpointing import save_model_config
+    from megatron_multilora.config import ConfigError, load_run_config, model_config_from, validate
+
+    mc = hf.model_config_from_hf(_config("mistral", sliding_window=32))
+    assert mc.sliding_window == 32 and hf.model_config_from_hf(_config("mistral", sliding_window=None)).sliding_window \
+        is None
+    with pytest.raises(ConfigError, match="max_position_embeddings 4096 exceeds sliding_window 32"):
+        model_config_from({**mc.to_dict(), "max_position_embeddings": 4096})
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "metadata.json").write_text("{}")  # (the model is all this check reads of a base)
+    save_model_config(base, mc)
+    run = {"load_base": str(base), "lora": {"max_slots": 1, "max_rank": 4}, "train_iters": 1, "tenants": [],
+           "model": {**mc.to_dict(), "sliding_window": None, "max_position_embeddings": 4096}}
+    with pytest.raises(ConfigError, match="holds another model than the run's: sliding_window 32 -> None"):
+        validate(load_run_config(run))
+
+
 def test_a_float16_checkpoint_imports_as_bfloat16():
     """Runs refuse fp16 (no loss scaling), so a float16 checkpoint (Llama-2's config says so) imports as bf16."""
     from megatron_multilora import hf
