@@ -97,9 +97,13 @@ def resolve_base_dir(directory: str | Path) -> Path:
             f"{tracker} names {sub}, but {directory / sub} holds no dist_checkpointing checkpoint "
             "(metadata.json missing; only the torch_dist format is supported)"
         )
+    hint = ""
+    if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
+        hint = (f": it is a Hugging Face model directory -- convert it first with tools/convert_checkpoint.py "
+                f"import-hf --hf-dir {directory} --save BASE, then --load-base BASE")
     raise FileNotFoundError(
         f"no dist_checkpointing checkpoint at {directory} (neither metadata.json nor "
-        "latest_checkpointed_iteration.txt)"
+        f"latest_checkpointed_iteration.txt){hint}"
     )
 
 

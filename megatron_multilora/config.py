@@ -1031,7 +1031,10 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
         if not load.is_dir():
             problems.append(f"load: directory not found: {load}")
         elif not (load / TRACKER).is_file() and not (load / TENANTS_DIR).is_dir():
-            problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no {TENANTS_DIR}/ directory)")
+            hint = (f": it is a PEFT adapter -- convert it first with tools/convert_checkpoint.py import-peft "
+                    f"--peft-dir {load} --save SAVE ..., then --load SAVE"
+                    if (load / "adapter_config.json").is_file() else "")
+            problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no {TENANTS_DIR}/ directory){hint}")
     if load is not None and (load / TRACKER).is_file():
         problems += _base_problems(run, load)
     return problems

@@ -760,7 +760,7 @@ class MultiLoRATrainer:
         here it is allowed, and said)."""
         if saved_train_iters in (None, self.run.train_iters):
             return
-        moved = sorted(n for n, t in self.tenants.items() if t.config.decays_over_run)
+        moved = sorted(n for n, t in self.tenants.items() if t.config.decays_over_run and t.steps)  # (0: not begun)
         if moved:
             self.metrics.note(f"train_iters {saved_train_iters} -> {self.run.train_iters}: the learning-rate decay of "
                               f"{moved} follows the new length from here (set lr_decay_iters to keep a schedule)")

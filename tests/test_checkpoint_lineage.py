@@ -168,9 +168,12 @@ def _lineage_world(d: str) -> dict:
     out["base_notes"] = [n for n in notes if "it must be the same weights" in n]
     out["saved_base"] = str(d / "base")
 
-    # A resume with a longer --train-iters: the tenants whose decay follows the run's length are named.
+    # A resume with a longer --train-iters: the tenants whose decay follows the run's length are named (not one
+    # joining now: its schedule starts with the new length).
     notes.clear()
-    _trainer({**cfg, "load": str(two_dir), "save": str(d / "longer"), "train_iters": 20}).close()
+    joining = tr.tenant(d, "joining", rank=4, seed=12, valid=False)
+    _trainer({**cfg, "tenants": [*cfg["tenants"], joining], "lora": {"max_slots": 3, "max_rank": 8},
+              "load": str(two_dir), "save": str(d / "longer"), "train_iters": 20}).close()
     out["longer_notes"] = [n for n in notes if "train_iters 8 -> 20" in n]
 
     # Tenants joining at iteration 3 of 8: one whose decay follows the run's train_iters (8 of its own steps, 5

@@ -229,6 +229,16 @@ def test_checkpoint_and_output_paths_are_checked_before_the_run(raw, tmp_path):
             check({**raw, key: value})
     with pytest.raises(ConfigError, match=r"load: .* holds no checkpoint"):
         check({**raw, "load": str(tmp_path)})
+    # a Hugging Face model or a PEFT adapter given as a checkpoint: named, with the conversion that makes one
+    hf_dir, peft_dir = tmp_path / "hf", tmp_path / "peft"
+    for d, files in ((hf_dir, ("config.json", "model.safetensors")), (peft_dir, ("adapter_config.json",))):
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("{}")
+    with pytest.raises(ConfigError, match=r"a Hugging Face model directory -- convert it first with .* import-hf"):
+        check({**raw, "load_base": str(hf_dir)})
+    with pytest.raises(ConfigError, match=r"a PEFT adapter -- convert it first with .* import-peft"):
+        check({**raw, "load": str(peft_dir)})
     assert sorted(p.name for p in old.iterdir()) == ["latest_checkpointed_iteration.txt", "run"]
     # resuming it in place, the usual `--save DIR --load DIR` (also before the first checkpoint exists), or a
     # directory of tenant checkpoints only (import-peft's output) are fine
