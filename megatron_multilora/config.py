@@ -1104,7 +1104,7 @@ def tokenizer_identity(run: RunConfig) -> dict:
 def _base_problems(run: RunConfig, load: Path) -> list[str]:
     """A resume on another base than its checkpoint's (the tenants would go on training against other weights,
     with no error anywhere): another model, a random base for a saved one, or a random base drawn with another
-    seed or model-parallel layout."""
+    seed or model-parallel layout; or with another tokenizer (other token ids for the same data)."""
     from .tenant_checkpoint import CheckpointError, RUN_DIR, iter_name, read_manifest, read_tracker
 
     try:

@@ -313,9 +313,12 @@ class HFCheckpoint:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self._files = {k: self.directory / f for k, f in weight_map.items()}
-            for path in sorted(set(self._files.values())):  # every shard the index names, before any work
+            by_file: dict[Path, set[str]] = {}
+            for key, path in self._files.items():
+                by_file.setdefault(path, set()).add(key)
+            for path, keys in sorted(by_file.items()):  # every shard the index names, before any work
                 with self._open(path) as f:
-                    missing = sorted(set(k for k, p in self._files.items() if p == path) - set(f.keys()))
+                    missing = sorted(keys - set(f.keys()))
                 if missing:
                     raise HFCheckpointError(f"{path} lacks {len(missing)} tensors its index names (e.g. "
                                             f"{missing[0]}): an incomplete download?")
