@@ -327,7 +327,9 @@ class RunConfig:
     pack_sequences: bool = False
     seed: int = 1234
     # data
-    tokenizer: str | None = None  # None / "byte": byte-level; else a tokenizer.json (or a directory with one)
+    # a tokenizer.json (or a directory with one), or "byte" (the built-in byte-level one); None: the one beside
+    # load_base if it has one, else byte-level
+    tokenizer: str | None = None
     tenants_dir: str | None = None  # a directory of one YAML file per tenant
     tenants_dir_idle_wait: float = 0.0  # seconds an idle job (no tenant running or queued) waits for one to join
     # checkpointing
@@ -362,8 +364,6 @@ class RunConfig:
         ]
         if self.distributed_backend == "auto":
             self.distributed_backend = None
-        if self.tokenizer == "byte":
-            self.tokenizer = None
         _normalize(self, "")
         self.resolve()
 
@@ -377,6 +377,17 @@ class RunConfig:
             self.resolve_tenant(tenant)
         if self.seq_length is None:
             self.seq_length = self.model.max_position_embeddings
+        if self.tokenizer is None and self.load_base is not None:
+            # An imported base ships its model's tokenizer.json (convert_checkpoint.py import-hf): the token ids
+            # the base knows ("byte" keeps the byte-level tokenizer).
+            found = _base_tokenizer(Path(self.load_base))
+            if found is not None:
+                self.tokenizer = str(found)
+
+    @property
+    def byte_tokenizer(self) -> bool:
+        """Tokenized by the built-in byte-level tokenizer (``tokenizer`` "byte", or None with no base's)."""
+        return self.tokenizer in (None, "byte")
 
     def resolve_tenant(self, tenant: TenantConfig) -> None:
         if tenant.target_modules is None and self.lora.target_modules is not None:
@@ -673,12 +684,6 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
         if model is not None:
             data = {**data, "model": model.to_dict()}
     data = _merge_overrides(data, overrides)
-    if data.get("tokenizer") is None and data.get("load_base"):
-        # An imported base ships its model's tokenizer.json (convert_checkpoint.py import-hf): its token ids are
-        # the ones the base was trained on ("byte" keeps the byte-level tokenizer).
-        found = _base_tokenizer(Path(data["load_base"]))
-        if found is not None:
-            data = {**data, "tokenizer": str(found)}
     _check_keys(RunConfig, data, "")
     missing = [k for k in _required(RunConfig) if k not in data]
     if missing:
@@ -917,7 +922,7 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
         problems.append(f"seed must be >= 0, got {run.seed}")
 
     # data
-    if run.tokenizer is not None:
+    if not run.byte_tokenizer:
         tok_path = Path(run.tokenizer)
         tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
         if not tok_file.is_file():
@@ -1094,7 +1099,7 @@ def base_identity(run: RunConfig) -> dict:
 def tokenizer_identity(run: RunConfig) -> dict:
     """The tokenizer of ``run`` as its run checkpoints record it: the file and a hash of its content (another
     tokenizer turns every tenant's text into other token ids)."""
-    if run.tokenizer is None:
+    if run.byte_tokenizer:
         return {"file": "byte", "sha256": "byte"}
     path = Path(run.tokenizer)
     path = path / "tokenizer.json" if path.is_dir() else path

@@ -72,6 +72,15 @@ def _check_same_adapter(tc: TenantConfig, saved: dict, where) -> None:
                                    + ", ".join(diffs) + " (use a new name to train a different adapter)")
 
 
+def _check_same_tokenizer(name: str, saved: dict, mine: dict, where) -> None:
+    """A tenant's checkpoint goes on with the tokenizer it trained with (another gives its data other token
+    ids); one that does not record it (import-peft's, older ones) is taken as it is."""
+    theirs = saved.get("tokenizer")
+    if theirs is not None and theirs["sha256"] != mine["sha256"]:
+        raise ckpt.CheckpointError(f"tenant {name!r}: its checkpoint {where} was trained with the tokenizer "
+                                   f"{theirs['file']}; this run tokenizes with {mine['file']}")
+
+
 @dataclass
 class TenantScope:
     """One tenant scoped for evaluation (see MultiLoRATrainer.scoped)."""
@@ -152,7 +161,7 @@ class MultiLoRATrainer:
             run.tensorboard_dir, run.metrics_file,
             enabled=dist.get_rank() == dist.get_world_size() - 1, train_iters=run.train_iters,
         )
-        if run.tokenizer is not None:  # (said: by default the one a --load-base ships)
+        if not run.byte_tokenizer:  # (said: by default the one a --load-base ships)
             self.metrics.note(f"tokenizer: {self._tokenizer_identity['file']} ({self.tokenizer.vocab_size} tokens)")
         self._param_names = {id(p): n for n, p in lora_parameters(self.model)}
         self.run_id = ckpt.broadcast_object(uuid.uuid4().hex)  # names this run's lineage in its checkpoints
@@ -205,6 +214,8 @@ class MultiLoRATrainer:
                                   data_paths or {})
         elif common is not None:
             _check_same_adapter(tc, common, checkpoint)
+        if common is not None:
+            _check_same_tokenizer(tc.name, common, self._tokenizer_identity, checkpoint)
         spec = LoRASpec(
             rank=tc.rank, alpha=tc.alpha, dropout=tc.dropout, rslora=tc.rslora, init=tc.init,
             target_modules=None if tc.target_modules is None else tuple(tc.target_modules),
@@ -547,7 +558,7 @@ class MultiLoRATrainer:
             "spec": t.config.to_dict(), "rank": record.spec.rank, "alpha": float(t.config.alpha),
             "rslora": t.config.rslora, "targets": sorted(record.targets), "steps": t.steps,
             "optimizer_step": self.optimizer.slot_step_count(t.slot), "data": self.source.tenant_state(name),
-            "done": done, "has_master": has_master,
+            "done": done, "has_master": has_master, "tokenizer": self._tokenizer_identity,
         }
 
     def save_tenant(self, name: str, *, done: bool = False, kill_phase: str | None = None):
@@ -746,13 +757,19 @@ class MultiLoRATrainer:
             raise ckpt.CheckpointError(f"cannot resume {run_dir}: " + "; ".join(problems))
 
     def _note_base_change(self, run_dir) -> None:
-        """Validation refuses a resume on another model or random base; a saved base at another directory may be
-        a copy of the same one, or another with the same shapes (a base vs an instruct model): said."""
-        saved = ckpt.on_rank0(lambda: ckpt.read_manifest(run_dir).get("meta", {}).get("base"))
-        mine = base_identity(self.run)["load_base"]
+        """Validation refuses a resume on another model or random base, or with another tokenizer; a saved base at
+        another directory may be a copy of the same one, or another with the same shapes (a base vs an instruct
+        model): said. So is the tokenizer of a checkpoint that does not record its own (older versions, which took
+        the byte-level one unless given --tokenizer; a --load-base's tokenizer.json is now the default)."""
+        meta = ckpt.on_rank0(lambda: ckpt.read_manifest(run_dir).get("meta", {}))
+        saved, mine = meta.get("base"), base_identity(self.run)["load_base"]
         if saved is not None and mine is not None and saved["load_base"] != mine:
             self.metrics.note(f"the tenants were trained on {saved['load_base'] or 'a random base'}; this run loads "
                               f"the base in {mine}: it must be the same weights")
+        if "tokenizer" not in meta and not self.run.byte_tokenizer:
+            self.metrics.note(f"{run_dir} does not record its tokenizer (an older version's); this run tokenizes with "
+                              f"{self._tokenizer_identity['file']}: if it trained with the byte-level one (that "
+                              f"version's default), resume with --tokenizer byte")
 
     def _note_schedule_change(self, saved_train_iters: int | None) -> None:
         """A tenant without its own train_iters / lr_decay_iters decays its learning rate over the run's

@@ -247,6 +247,22 @@ def _lineage_world(d: str) -> dict:
     out["scoped_weights_are_masters"] = masters.keys() == scoped.keys() and all(
         torch.equal(masters[k], scoped[k]) for k in masters)
     fp.close()
+
+    # Its tenant checkpoint (copied to a directory of tenant checkpoints only, which a run does not validate as a
+    # run checkpoint) under another tokenizer: refused, its data would get other token ids.
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    other = d / "other-tokenizer.json"
+    Tokenizer(models.WordLevel({"</s>": 0, "a": 1}, unk_token="a")).save(str(other))
+    shutil.copytree(bf_dir / "tenants", d / "tenants-only" / "tenants")
+    try:
+        _trainer({**cfg, "model": "tiny-dense", "tokenizer": str(other), "load": str(d / "tenants-only"),
+                  "save": None}).close()
+        out["other_tokenizer"] = None
+    except ckpt.CheckpointError as e:
+        out["other_tokenizer"] = str(e)
     return out
 
 
@@ -316,6 +332,11 @@ def test_a_tenant_trained_in_bf16_resumes_in_fp32_from_its_masters(lineage):
     assert lineage["fp32_weights_are_masters"] and lineage["fp32_finer_than_bf16"]
     assert lineage["scoped_weights_are_masters"]
     assert lineage["fp32_steps"] == 3
+
+
+def test_a_tenant_checkpoint_under_another_tokenizer_is_refused(lineage):
+    assert lineage["other_tokenizer"] is not None and "tenant 'x': its checkpoint" in lineage["other_tokenizer"]
+    assert "was trained with the tokenizer byte; this run tokenizes with" in lineage["other_tokenizer"]
 
 
 def test_a_resume_on_another_base_is_refused_before_any_model_is_built(lineage, tmp_path):

@@ -357,7 +357,7 @@ def test_tokenizer_vocabulary_must_fit_the_model(raw, tmp_path):
     save(400)
     with pytest.raises(ConfigError, match=r"tokenizer .* has 400 tokens, more than model\.vocab_size 320"):
         check({**raw, "tokenizer": str(tmp_path / "tokenizer.json")})
-    assert check({**raw, "tokenizer": "byte"}).tokenizer is None
+    assert check({**raw, "tokenizer": "byte"}).byte_tokenizer
     Tokenizer(models.WordLevel({"w0": 0}, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ConfigError, match=r"tokenizer .* cannot be loaded \(.*no eos token found"):
         check({**raw, "tokenizer": str(tmp_path)})

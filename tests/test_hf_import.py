@@ -198,12 +198,15 @@ def test_tokenizer_travels_with_the_base(results, tmp_path):
     run = parse_run_config(["--load-base", str(base), "--tokenizer", str(base), *flags], world_size=1)
     assert run.model.hidden_size == load_base_model_config(base).hidden_size and run.tokenizer == str(base)
     assert parse_run_config(["--load-base", str(base), *flags], world_size=1).tokenizer == str(base / "tokenizer.json")
-    from megatron_multilora.config import ConfigError
+    from megatron_multilora.config import ConfigError, load_run_config
 
-    # (these bases' vocabularies are smaller than the byte-level tokenizer's: refused, which shows it is the one)
-    for chosen in (["--load-base", str(base), "--tokenizer", "byte"], ["--load-base", results["base_dirs"]["qwen2"]]):
-        with pytest.raises(ConfigError, match="byte-level tokenizer needs model.vocab_size"):
-            parse_run_config([*chosen, *flags], world_size=1)
+    # (this base's vocabulary is smaller than the byte-level tokenizer's: refused, which shows it is the one)
+    with pytest.raises(ConfigError, match="byte-level tokenizer needs model.vocab_size"):
+        parse_run_config(["--load-base", str(base), "--tokenizer", "byte", *flags], world_size=1)
+    # an explicit "byte" stays so through the run's written configuration (to_dict / --print-config)
+    explicit = load_run_config({"load_base": str(base), "tokenizer": "byte", "lora": {"max_slots": 1, "max_rank": 4},
+                                "train_iters": 1})
+    assert explicit.byte_tokenizer and load_run_config(explicit.to_dict()).byte_tokenizer
 
 
 def test_model_yaml_written(results):
