@@ -682,7 +682,10 @@ def run_config_from_dict(data: dict, overrides: dict | None = None) -> RunConfig
         except FileNotFoundError as e:
             raise ConfigError(f"load_base: {e}") from None
         if model is not None:
-            data = {**data, "model": model.to_dict()}
+            # (a float16 base -- a Megatron-LM --fp16 save, an older import -- trains in bfloat16: fp16 would need
+            # loss scaling; params_dtype is a run's own choice, the weights are cast as they load)
+            dtype = "bfloat16" if model.params_dtype == "float16" else model.params_dtype
+            data = {**data, "model": {**model.to_dict(), "params_dtype": dtype}}
     data = _merge_overrides(data, overrides)
     _check_keys(RunConfig, data, "")
     missing = [k for k in _required(RunConfig) if k not in data]
@@ -868,7 +871,7 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
     if m.params_dtype == "float16":  # (megatron-LM trains fp16 only with a loss scaler)
         problems.append("model.params_dtype float16: fp16 training needs loss scaling, which megatron-multilora "
                         "does not do (small LoRA gradients would underflow to zero unnoticed): use bfloat16 (--bf16) "
-                        "or float32 (a float16 base loads as either)")
+                        "or float32 (model.params_dtype; a float16 base loads as either)")
 
     # layout
     tp, pp, ep = run.tensor_model_parallel_size, run.pipeline_model_parallel_size, run.expert_model_parallel_size

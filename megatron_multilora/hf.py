@@ -221,8 +221,6 @@ def model_config_from_hf(
             f"{window}, so every sequence fits the window and full causal attention is exact"
         )
         max_pos = int(window)
-    else:
-        window = None  # (every sequence fits it: no window to keep)
 
     dtype = params_dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if str(dtype) not in _DTYPES:

@@ -498,10 +498,21 @@ def test_model_flags(run_yaml):
     assert parse_run_config(["--config", str(run_yaml), "--bf16"], world_size=2).model.params_dtype == "bfloat16"
 
 
-def test_fp16_training_is_refused_for_want_of_loss_scaling(run_yaml):
-    """(It trained: LoRA gradients in fp16 with no loss scaler underflow to zero unnoticed.)"""
+def test_fp16_training_is_refused_for_want_of_loss_scaling(run_yaml, tmp_path):
+    """(It trained: LoRA gradients in fp16 with no loss scaler underflow to zero unnoticed.) A float16 base (a
+    Megatron-LM --fp16 save, an older import) trains in bfloat16 unless the run names its dtype."""
+    from megatron_multilora.checkpointing import save_model_config
+
     with pytest.raises(ConfigError, match=r"params_dtype float16: fp16 training needs loss scaling.*--bf16"):
         validate(load_run_config(run_yaml, {"model": {"params_dtype": "float16"}}), 2)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "metadata.json").write_text("{}")  # (the model is all a run reads of a base before it starts)
+    save_model_config(base, model_config_from({"preset": "tiny-moe", "params_dtype": "float16"}))
+    raw = {"load_base": str(base), "lora": {"max_slots": 1, "max_rank": 4}, "train_iters": 1,
+           "tenants_dir": str(tmp_path)}
+    assert validate(load_run_config(raw)).model.params_dtype == "bfloat16"
+    assert load_run_config(raw, {"model": {"params_dtype": "float32"}}).model.params_dtype == "float32"
 
 
 @pytest.mark.parametrize("field,value,error", [

@@ -314,6 +314,10 @@ def test_a_run_cannot_lift_the_sliding_window_cap(tmp_path):
         is None
     with pytest.raises(ConfigError, match="max_position_embeddings 4096 exceeds sliding_window 32"):
         model_config_from({**mc.to_dict(), "max_position_embeddings": 4096})
+    wide = hf.model_config_from_hf(_config("mistral", sliding_window=128))  # (wider than its 64 positions)
+    assert (wide.max_position_embeddings, wide.sliding_window) == (64, 128)
+    with pytest.raises(ConfigError, match="max_position_embeddings 4096 exceeds sliding_window 128"):
+        model_config_from({**wide.to_dict(), "max_position_embeddings": 4096})
     base = tmp_path / "base"
     base.mkdir()
     (base / "metadata.json").write_text("{}")  # (the model is all this check reads of a base)
