@@ -83,9 +83,13 @@ def read_tenant_checkpoint(directory: str | Path, *, with_meta: bool = False):
             raise ckpt.CheckpointError(f"{directory} is not a tenant checkpoint (no tenant metadata)")
         available = dist_checkpointing.load_tensors_metadata(str(directory))
         keys = sorted(k for k in available if not k.startswith("optimizer.") and k.endswith((".lora_A", ".lora_B")))
+        # The fp32 masters when it keeps them (a tenant trained in bf16: the weights its optimizer updates, of
+        # which the forward used a bf16 copy), else the weights.
+        source = {k: f"optimizer.state.{ckpt.MASTER_PREFIX}.{k}" if meta.get("has_master") else k for k in keys}
         sharded = {
             k: ShardedTensor.from_rank_offsets(
-                k, torch.zeros(available[k].global_shape, dtype=available[k].dtype), replica_id=0)
+                source[k], torch.zeros(available[source[k]].global_shape, dtype=available[source[k]].dtype),
+                replica_id=0)
             for k in keys
         }
         loaded = ckpt.load_sharded(directory, sharded, strict="raise_unexpected")
@@ -113,9 +117,8 @@ def write_tenant_checkpoint(
     source: str = "import",
 ) -> Path:
     """Write ``<save>/tenants/<name>/iter_XXXXXXX`` (and its tracker) holding the tenant's weights (in ``dtype``,
-    the run's params_dtype; below fp32, the given weights also as the fp32 masters a run trains from, so that
-    an fp32 adapter on a bf16 base keeps every bit), zero Adam moments, optimizer step 0 and a fresh data
-    position. ``tenant_config``:
+    the run's params_dtype) and as the fp32 masters a run trains from (an fp32 adapter keeps every bit whatever
+    the run's dtype), zero Adam moments, optimizer step 0 and a fresh data position. ``tenant_config``:
     the TenantConfig fields stored as its spec (rank, alpha, rslora, dropout, init and target_modules are
     taken from ``spec``). Every rank of the current process group must call it (one process is enough)."""
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -135,16 +138,15 @@ def write_tenant_checkpoint(
     from .config import tenant_from_dict
 
     config = tenant_from_dict(config, f"tenant {name!r}").to_dict()  # the trainer reads it back with this
-    sharded, has_master = {}, dtype != torch.float32
+    sharded = {}
     for layer, (a, b) in sorted(tensors.items()):
         if a.shape[0] != spec.rank or b.shape[1] != spec.rank:
             raise ValueError(f"{layer}: A {tuple(a.shape)} / B {tuple(b.shape)} are not of rank {spec.rank}")
         for key, t in ((f"{layer}.lora_A", a), (f"{layer}.lora_B", b)):
             if _is_blocked_b(key):
                 t = t.reshape(2, t.shape[0] // 2, t.shape[1])
-            values = {"": t.to(dtype), **{m: torch.zeros(t.shape, dtype=torch.float32) for m in _MOMENTS}}
-            if has_master:
-                values[ckpt.MASTER_PREFIX] = t.to(torch.float32)
+            values = {"": t.to(dtype), ckpt.MASTER_PREFIX: t.to(torch.float32),
+                      **{m: torch.zeros(t.shape, dtype=torch.float32) for m in _MOMENTS}}
             for prefix, value in values.items():
                 full = f"optimizer.state.{prefix}.{key}" if prefix else key
                 sharded[full] = ShardedTensor.from_rank_offsets(full, value.contiguous().clone(), replica_id=0)
@@ -152,7 +154,7 @@ def write_tenant_checkpoint(
     meta = {
         "format": ckpt.FORMAT, "name": name, "iteration": iteration, "run_id": run_id, "spec": config,
         "rank": spec.rank, "alpha": alpha, "rslora": bool(spec.rslora), "targets": targets, "steps": 0,
-        "optimizer_step": 0, "data": None, "done": False, "has_master": has_master,
+        "optimizer_step": 0, "data": None, "done": False, "has_master": True,
     }
     sharded["tenant"] = meta
     with _process_group():

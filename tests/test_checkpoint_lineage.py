@@ -235,6 +235,11 @@ def _lineage_world(d: str) -> dict:
     out["fp32_weights_are_masters"] = bool(masters) and masters.keys() == weights.keys() and all(
         torch.equal(masters[k], weights[k]) for k in masters)
     out["fp32_finer_than_bf16"] = any(bool((w != w.bfloat16().float()).any()) for w in weights.values())
+    from megatron_multilora.adapter_checkpoint import read_tenant_checkpoint  # (what export-peft writes)
+
+    _, exported = read_tenant_checkpoint(bf_dir / "tenants" / "x")
+    out["export_reads_masters"] = all(t.dtype == torch.float32 for ab in exported.values() for t in ab) and any(
+        bool((t != t.bfloat16().float()).any()) for ab in exported.values() for t in ab)
     fp.train_iteration()
     out["fp32_steps"] = fp.tenants["x"].steps
     fp.close()
@@ -331,6 +336,7 @@ def test_a_resume_reads_tenant_data_where_the_config_now_lists_it(lineage):
 def test_a_tenant_trained_in_bf16_resumes_in_fp32_from_its_masters(lineage):
     assert lineage["fp32_weights_are_masters"] and lineage["fp32_finer_than_bf16"]
     assert lineage["scoped_weights_are_masters"]
+    assert lineage["export_reads_masters"]  # (export-peft writes the fp32 masters, not their bf16 copy)
     assert lineage["fp32_steps"] == 3
 
 

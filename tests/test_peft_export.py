@@ -162,9 +162,12 @@ def _cli_round_trip(root, src, foreign_dir):
     return dict(cli_too_big=too_big.returncode, cli_save_2_exists=(root / "cli_save_2").exists())
 
 
-def _trainer_resumes(root, spec_fields, data, load="save", import_dtype=None):
-    """The trainer, told about the imported tenant, resumes it from <load>/tenants/foreign (first written there
-    in `import_dtype`, as import-peft writes it for a base of that dtype, when given)."""
+def _trainer_resumes(root, spec_fields, data, load="save", import_dtype=None, run_dtype="float32"):
+    """The trainer (its params in `run_dtype`), told about the imported tenant, resumes it from
+    <load>/tenants/foreign (first written there in `import_dtype`, as import-peft writes it for a base of that
+    dtype, when given) and saves it; returns what it loaded, the tenant checkpoint it saved, and the one import
+    wrote (None without `import_dtype`), each read as export-peft reads them."""
+    from megatron_multilora.adapter_checkpoint import read_tenant_checkpoint
     from megatron_multilora.config import load_run_config
     from megatron_multilora.training import MultiLoRATrainer
 
@@ -175,15 +178,15 @@ def _trainer_resumes(root, spec_fields, data, load="save", import_dtype=None):
         spec, tensors = adapter_checkpoint.read_tenant_checkpoint(root / "save" / "tenants" / "foreign")
         adapter_checkpoint.write_tenant_checkpoint(root / load, "foreign", spec, tensors,
                                                    dtype=getattr(torch, import_dtype))
+    imported = read_tenant_checkpoint(root / load / "tenants" / "foreign") if import_dtype else None
     cfg = {
-        "model": str(root / "base_llama" / "model.yaml"), "load_base": str(root / "base_llama"),
+        "model": {"preset": str(root / "base_llama" / "model.yaml"), "params_dtype": run_dtype},
+        "load_base": str(root / "base_llama"),
         "lora": {"max_slots": 2, "max_rank": MAX_RANK},
         "tenants": [dict(name="foreign", lr=1e-3, train_data=data, **spec_fields)],
         "seq_length": 16, "micro_batch_size": 2, "train_iters": 1, "load": str(root / load),
         "save": str(root / f"{load}_resumed"), "eval_interval": None, "seed": 7,
     }
-    from megatron_multilora.adapter_checkpoint import read_tenant_checkpoint
-
     trainer = MultiLoRATrainer(load_run_config(cfg))
     try:
         slot = trainer.tenants["foreign"].slot
@@ -192,7 +195,7 @@ def _trainer_resumes(root, spec_fields, data, load="save", import_dtype=None):
                   for layer in trainer.table.layers if layer.lora_kind in record.targets}
         trainer.save_tenant("foreign")  # the trainer's own checkpoint reads back as full tensors
         saved = read_tenant_checkpoint(root / f"{load}_resumed" / "tenants" / "foreign")
-        return loaded, saved
+        return loaded, saved, imported
     finally:
         trainer.close()
 
@@ -330,15 +333,19 @@ def test_trainer_resumes_an_imported_tenant(results):
     assert out["checkpoint_roundtrip"]
     rank, alpha, targets = out["foreign_spec"]
     data = str(make_data(results["root"], "foreign-train", 8, 0))
-    loaded, (spec, saved) = run_world(_trainer_resumes, 1, str(results["root"]),
-                                      dict(rank=rank, alpha=alpha, target_modules=list(targets)), data)[0]
+    fields = dict(rank=rank, alpha=alpha, target_modules=list(targets))
+    loaded, (spec, saved), _ = run_world(_trainer_resumes, 1, str(results["root"]), fields, data)[0]
     assert _same(loaded, out["foreign_tensors"])
     assert _same(saved, out["foreign_tensors"]) and (spec.rank, spec.alpha, spec.target_modules) == out["foreign_spec"]
-    # imported for a bf16 base (import-peft writes the base's dtype): the fp32 adapter is kept as the masters,
-    # which an fp32 run takes as its weights -- every bit, not the bf16 rounding
-    loaded, _ = run_world(_trainer_resumes, 1, str(results["root"]),
-                          dict(rank=rank, alpha=alpha, target_modules=list(targets)), data, "save_bf16", "bfloat16")[0]
-    assert _same(loaded, out["foreign_tensors"])
+    # imported for a bf16 base (import-peft writes the base's dtype): the fp32 adapter is kept as its masters --
+    # every bit, not the bf16 rounding -- which export-peft reads, an fp32 run takes as its weights, and a bf16
+    # run trains (its own checkpoint's masters, read back)
+    loaded, _, (_, imported) = run_world(_trainer_resumes, 1, str(results["root"]), fields, data, "save_bf16",
+                                         "bfloat16")[0]
+    assert _same(imported, out["foreign_tensors"]) and _same(loaded, out["foreign_tensors"])
+    _, (_, saved), _ = run_world(_trainer_resumes, 1, str(results["root"]), fields, data, "save_bf16_run",
+                                 "bfloat16", "bfloat16")[0]
+    assert _same(saved, out["foreign_tensors"])
 
 
 def test_per_expert_adapters_import_like_packed_ones(results):
