@@ -766,7 +766,7 @@ class MultiLoRATrainer:
         if saved is not None and mine is not None and saved["load_base"] != mine:
             self.metrics.note(f"the tenants were trained on {saved['load_base'] or 'a random base'}; this run loads "
                               f"the base in {mine}: it must be the same weights")
-        if "tokenizer" not in meta and not self.run.byte_tokenizer:
+        if meta.get("tokenizer") is None and not self.run.byte_tokenizer:
             self.metrics.note(f"{run_dir} does not record its tokenizer (an older version's); this run tokenizes with "
                               f"{self._tokenizer_identity['file']}: if it trained with the byte-level one (that "
                               f"version's default), resume with --tokenizer byte")

@@ -268,6 +268,18 @@ def _lineage_world(d: str) -> dict:
         out["other_tokenizer"] = None
     except ckpt.CheckpointError as e:
         out["other_tokenizer"] = str(e)
+    # A checkpoint of a version that did not record its tokenizer, resumed with one: said (that version took
+    # the byte-level tokenizer unless given another, and a --load-base's is the default now).
+    old_dir = d / "old-version"
+    old_cfg = tr.run_config([x], eval_interval=None, save=str(old_dir))
+    run = _trainer(old_cfg)
+    run._tokenizer_identity = None  # (what such a version wrote: nothing)
+    run.train_iteration()
+    run.save_checkpoint()
+    run.close()
+    notes.clear()
+    _trainer({**old_cfg, "load": str(old_dir), "tokenizer": str(other)}).close()
+    out["unrecorded_tokenizer_notes"] = [n for n in notes if "does not record its tokenizer" in n]
     return out
 
 
@@ -333,7 +345,7 @@ def test_a_resume_reads_tenant_data_where_the_config_now_lists_it(lineage):
     assert lineage["moved_steps"] == 2 and "/data-new/" in lineage["moved_data"]
 
 
-def test_a_tenant_trained_in_bf16_resumes_in_fp32_from_its_masters(lineage):
+def test_a_tenant_trained_in_bf16_resumes_in_fp32_and_exports_from_its_masters(lineage):
     assert lineage["fp32_weights_are_masters"] and lineage["fp32_finer_than_bf16"]
     assert lineage["scoped_weights_are_masters"]
     assert lineage["export_reads_masters"]  # (export-peft writes the fp32 masters, not their bf16 copy)
@@ -343,6 +355,8 @@ def test_a_tenant_trained_in_bf16_resumes_in_fp32_from_its_masters(lineage):
 def test_a_tenant_checkpoint_under_another_tokenizer_is_refused(lineage):
     assert lineage["other_tokenizer"] is not None and "tenant 'x': its checkpoint" in lineage["other_tokenizer"]
     assert "was trained with the tokenizer byte; this run tokenizes with" in lineage["other_tokenizer"]
+    notes = lineage["unrecorded_tokenizer_notes"]
+    assert len(notes) == 1 and "other-tokenizer.json: if it trained with the byte-level one" in notes[0], notes
 
 
 def test_a_resume_on_another_base_is_refused_before_any_model_is_built(lineage, tmp_path):
