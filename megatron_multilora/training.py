@@ -725,7 +725,7 @@ class MultiLoRATrainer:
                 if queued is not None:
                     self._note_unapplied(tc, queued)
         self._note_schedule_change(state.get("train_iters"))
-        self._note_base_change(run_dir)
+        self._note_base_or_tokenizer_change(run_dir)
         if state["layout"] == self._layout():
             loaded = ckpt.load_sharded(run_dir, {"rng_state": ckpt.rng_sharded_object()},
                                        strict="assume_ok_unexpected", verify=False)
@@ -756,7 +756,7 @@ class MultiLoRATrainer:
         if problems:
             raise ckpt.CheckpointError(f"cannot resume {run_dir}: " + "; ".join(problems))
 
-    def _note_base_change(self, run_dir) -> None:
+    def _note_base_or_tokenizer_change(self, run_dir) -> None:
         """Validation refuses a resume on another model or random base, or with another tokenizer; a saved base at
         another directory may be a copy of the same one, or another with the same shapes (a base vs an instruct
         model): said. So is the tokenizer of a checkpoint that does not record its own (older versions, which took
