@@ -244,6 +244,16 @@ def test_packed_experts_convert_like_saved_ones(results, name):
 # --------------------------------------------------------------------------------------------------------
 
 
+def _convert_checkpoint():
+    """tools/convert_checkpoint.py as a module (its main() returns the exit code a user would see)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert_checkpoint
+    finally:
+        sys.path.pop(0)
+    return convert_checkpoint
+
+
 def test_unsupported_architecture_lists_supported(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -256,11 +266,7 @@ def test_unsupported_architecture_lists_supported(tmp_path, capsys):
         hf.model_config_from_hf(tmp_path / "gpt2")
     for word in ("GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"):
         assert word in str(e.value)
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.pop(0)
+    convert_checkpoint = _convert_checkpoint()
     assert convert_checkpoint.main(["import-hf", "--hf-dir", str(tmp_path / "gpt2"), "--save",
                                     str(tmp_path / "out")]) == 2
     assert "GPT2LMHeadModel is not supported" in capsys.readouterr().err
@@ -342,11 +348,7 @@ def test_a_float16_checkpoint_imports_as_bfloat16():
 def test_print_config(results, capsys):
     import yaml
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.pop(0)
+    convert_checkpoint = _convert_checkpoint()
     assert convert_checkpoint.main(["import-hf", "--hf-dir", results["hf_dirs"]["mixtral"], "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["num_experts"] == 4 and printed["moe_router_pre_softmax"] is False
@@ -365,11 +367,7 @@ def test_missing_tensor_is_named(results):
 
 def test_a_truncated_safetensors_file_is_named(results, tmp_path, capsys):
     """(A half-finished download: the safetensors library's own error, with no file name, was a traceback.)"""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.pop(0)
+    convert_checkpoint = _convert_checkpoint()
     broken = tmp_path / "hf"
     shutil.copytree(results["hf_dirs"]["mixtral"], broken)
     weights = broken / "model.safetensors"
@@ -382,11 +380,7 @@ def test_a_truncated_safetensors_file_is_named(results, tmp_path, capsys):
 
 def test_a_missing_shard_is_named_before_any_conversion(results, tmp_path, capsys):
     """(It was found when the conversion reached it: for a Mixtral-8x7B, after building the whole model.)"""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.pop(0)
+    convert_checkpoint = _convert_checkpoint()
     broken = tmp_path / "hf"
     shutil.copytree(results["hf_dirs"]["llama"], broken)  # (sharded: an index and several files)
     shards = sorted(broken.glob("model-*.safetensors"))
@@ -399,11 +393,7 @@ def test_a_missing_shard_is_named_before_any_conversion(results, tmp_path, capsy
 
 def test_a_missing_output_or_model_source_is_named_like_other_errors(tmp_path, capsys):
     """(They ended with SystemExit: exit code 1 and another message format than every other error.)"""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.pop(0)
+    convert_checkpoint = _convert_checkpoint()
     assert convert_checkpoint.main(["import-hf", "--hf-dir", str(tmp_path)]) == 2
     assert "error: import-hf: --save DIR is required" in capsys.readouterr().err
     assert convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(tmp_path), "--out",
