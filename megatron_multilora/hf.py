@@ -502,10 +502,13 @@ def load_into(gpt, tensors: Iterator[tuple[str, torch.Tensor]], source_keys: lis
 
 
 def _copy_tokenizer(hf_dir, out_dir, log) -> None:
-    """The model's tokenizer.json goes next to the base, so a run needs only the base (``--load-base`` takes it)."""
+    """The model's tokenizer.json (and tokenizer_config.json: its eos token) go next to the base, so a run
+    needs only the base (``--load-base`` takes it)."""
     source = Path(hf_dir) / "tokenizer.json"
     if source.is_file():
-        shutil.copyfile(source, Path(out_dir) / "tokenizer.json")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(hf_dir) / name).is_file():
+                shutil.copyfile(Path(hf_dir) / name, Path(out_dir) / name)
         log(f"copied tokenizer.json: train with --load-base {out_dir} (which takes it)")
     else:
         log("note: the Hugging Face directory has no tokenizer.json: give --tokenizer when training")

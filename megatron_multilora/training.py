@@ -162,7 +162,7 @@ class MultiLoRATrainer:
             enabled=dist.get_rank() == dist.get_world_size() - 1, train_iters=run.train_iters,
         )
         if not run.byte_tokenizer:  # (said: by default the one a --load-base ships)
-            self.metrics.note(f"tokenizer: {self._tokenizer_identity['file']} ({self.tokenizer.vocab_size} tokens)")
+            self.metrics.note(f"tokenizer: {self.tokenizer.describe()}")
         self._param_names = {id(p): n for n, p in lora_parameters(self.model)}
         self.run_id = ckpt.broadcast_object(uuid.uuid4().hex)  # names this run's lineage in its checkpoints
         self._saved_iteration: int | None = None  # newest run checkpoint written or loaded

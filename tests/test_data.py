@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from megatron_multilora.data.datasets import DataError, TenantDataset
+from megatron_multilora.data.datasets import DataError, TenantDataset, load_jsonl
 from megatron_multilora.data.source import PAD_SLOT, MultiAdapterDataSource
 from megatron_multilora.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
@@ -67,6 +67,64 @@ def test_hf_tokenizer_errors(tmp_path):
     _save_word_tokenizer(tmp_path / "tokenizer.json", ["<weird>"])
     with pytest.raises(ValueError, match="no eos token found"):
         HFTokenizer(tmp_path / "tokenizer.json")
+
+
+def _chat_bpe(path, *, template: bool = True):
+    """A byte-level BPE like GPT-2's / Llama-3's (trained here on a few lines, so " 4" is one token), with
+    </s> and <|im_end|>, a bos template when `template`, and the truncation / padding a file may carry."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["Answer: 4", "Answer: 4 4 4", "Question: what is 2+2? Answer: 4"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if template:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.enable_truncation(max_length=3)  # (stored in the file: transformers ignores them, so must we)
+    tok.enable_padding(length=12, pad_id=1, pad_token="</s>")
+    tok.save(str(path))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def test_hf_tokenizer_encodes_samples_as_transformers_does(tmp_path):
+    """(It encoded prompt and completion apart -- a space or word piece split at the seam, so a completion
+    learned to start with a stray token --, added no bos, kept a file's stored truncation and padding, and put a
+    second eos after a text ending with one.)"""
+    reference = _chat_bpe(tmp_path / "tokenizer.json")
+    tok = build_tokenizer(tmp_path)
+    whole = reference.encode("Question: what is 2+2? Answer: 4")
+    assert whole.tokens[0] == "<s>" and "Ġ4" in whole.tokens and len(whole.ids) > 3  # (not cut, not padded)
+    for prompt, completion in (("Question: what is 2+2? Answer:", " 4"), ("Question: what is 2+2? Answer: ", "4")):
+        ids, mask = load_jsonl(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": prompt, "completion": completion}]),
+                               tok)[0]
+        assert ids.tolist() == whole.ids + [tok.eos_id]
+        assert mask.tolist() == [0] * (len(whole.ids) - 1) + [1, 1]  # " 4" (one token, even across the seam), eos
+    ids, mask = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"text": "Answer: 4</s>"}]), tok)[0]
+    assert ids.tolist() == reference.encode("Answer: 4</s>").ids and ids[-1] == tok.eos_id  # one eos
+    assert ids[0] == reference.token_to_id("<s>") and mask[0] == 0 and mask[1:].all()  # the first word is trained
+
+
+def test_the_eos_of_a_tokenizer_config_beside_the_file_is_the_models(tmp_path):
+    """(The first of a fixed list was taken: a chat model ending turns with <|im_end|> learned to end with </s>.)"""
+    reference = _chat_bpe(tmp_path / "tokenizer.json", template=False)
+    assert build_tokenizer(tmp_path).eos_id == reference.token_to_id("</s>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
+    tok = build_tokenizer(tmp_path)
+    assert tok.eos_id == reference.token_to_id("<|im_end|>") and "eos '<|im_end|>'" in tok.describe()
+    ids, _ = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Answer:", "completion": " 4"}]), tok)[0]
+    assert ids[-1] == tok.eos_id and ids[0] != reference.token_to_id("<s>")  # (no template: no bos)
+
+
+def test_a_string_the_tokenizer_cannot_take_is_named_with_its_line(tmp_path):
+    _chat_bpe(tmp_path / "tokenizer.json")
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "\\ud800"}\n')  # a lone surrogate (valid JSON escape)
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: "):
+        load_jsonl(path, build_tokenizer(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- datasets

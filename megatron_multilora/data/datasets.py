@@ -7,8 +7,11 @@ Each line is one sample in one of three formats:
 * ``{"input_ids": [...], "loss_mask": [...]}`` pre-tokenized, as RL frameworks hand it over
   (``loss_mask`` optional, all ones by default).
 
-eos is appended after text and completions. A document's first token is never a target (nothing before it
-in the document predicts it), so padding and packing put loss on exactly the same tokens.
+A Hugging Face tokenizer reads a sample as transformers does (its post-processor's bos first, if it has
+one) and a prompt with its completion as one text, the completion's tokens being those that hold any of its
+characters. eos is appended after text and completions (unless they end with it). A document's first token is
+never a target (nothing before it in the document predicts it), so padding and packing put loss on exactly the
+same tokens.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def load_jsonl(path, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
                 raise DataError(f"{where}: invalid JSON ({e})") from None
             try:
                 samples.append(_tokenize(record, tokenizer))
-            except ValueError as e:
+            except (ValueError, TypeError) as e:  # (TypeError: the tokenizers library's, e.g. a lone surrogate)
                 raise DataError(f"{where}: {e}") from None
     if not samples:
         raise DataError(f"{path}: no samples (the file is empty)")
@@ -57,13 +60,13 @@ def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     keys = {k for k in ("text", "prompt", "completion", "input_ids", "loss_mask") if k in record}
-    if keys == {"text"}:
-        ids = tokenizer.encode(_string(record, "text")) + [tokenizer.eos_id]
-        mask = [1] * len(ids)
-    elif keys == {"prompt", "completion"}:
-        prompt = tokenizer.encode(_string(record, "prompt"))
-        completion = tokenizer.encode(_string(record, "completion")) + [tokenizer.eos_id]
-        ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    if keys in ({"text"}, {"prompt", "completion"}):
+        prompt = "" if keys == {"text"} else _string(record, "prompt")
+        ids, trained = tokenizer.encode_split(prompt + _string(record, "text" if keys == {"text"} else "completion"),
+                                              len(prompt))
+        mask = [int(t) for t in trained]
+        if not ids or ids[-1] != tokenizer.eos_id:
+            ids, mask = ids + [tokenizer.eos_id], mask + [1]
     elif keys in ({"input_ids"}, {"input_ids", "loss_mask"}):
         ids = _int_list(record, "input_ids")
         bad = next((i for i in ids if not 0 <= i < tokenizer.vocab_size), None)

@@ -1,4 +1,5 @@
-"""Tokenizers behind one small interface: ``vocab_size``, ``eos_id``, ``pad_id``, ``encode``, ``decode``.
+"""Tokenizers behind one small interface: ``vocab_size``, ``eos_id``, ``pad_id``, ``encode``, ``encode_split``,
+``decode``.
 
 The byte-level tokenizer needs no download, so tests, CI and demos run anywhere; real runs point at the
 base model's Hugging Face ``tokenizer.json``.
@@ -6,6 +7,7 @@ base model's Hugging Face ``tokenizer.json``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # Tried in order when the caller does not name the eos / pad token (base-model conventions first).
@@ -23,16 +25,28 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_split(self, text: str, split: int) -> tuple[list[int], list[bool]]:
+        """The ids of ``text`` and, for each, whether it holds text from character ``split`` on."""
+        ids, first = self.encode(text), len(text[:split].encode("utf-8"))
+        return ids, [i >= first for i in range(len(ids))]
+
+    def describe(self) -> str:
+        return "byte-level"
+
     def decode(self, ids) -> str:
         """Special ids are dropped; broken UTF-8 (e.g. a truncated character) becomes U+FFFD."""
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` loaded with the ``tokenizers`` library.
+    """A Hugging Face ``tokenizer.json`` loaded with the ``tokenizers`` library, encoding as transformers does:
+    its post-processor's special tokens (a bos) added, and no truncation or padding a file may have stored
+    (transformers resets both on every call; kept, they would cut and pad every sample).
 
-    ``eos`` / ``pad`` may be given as a token string or an id; otherwise common special tokens are looked
-    up. Without a pad token the eos id pads, which is harmless because padding never carries loss.
+    ``eos`` / ``pad`` may be given as a token string or an id; otherwise the ``eos_token`` of a
+    ``tokenizer_config.json`` beside the file (the model's own, e.g. a chat model's end of turn), else common
+    special tokens are looked up. Without a pad token the eos id pads, which is harmless because padding never
+    carries loss.
     """
 
     def __init__(self, path, eos: str | int | None = None, pad: str | int | None = None):
@@ -42,8 +56,10 @@ class HFTokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {self.path}")
         self._tokenizer = Tokenizer.from_file(str(self.path))
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eos_id = self._special_id("eos", eos, _EOS_CANDIDATES)
+        self.eos_id = self._special_id("eos", eos if eos is not None else self._configured_eos(), _EOS_CANDIDATES)
         if pad is None and not any(self._tokenizer.token_to_id(t) is not None for t in _PAD_CANDIDATES):
             self.pad_id = self.eos_id
         else:
@@ -61,9 +77,30 @@ class HFTokenizer:
         wanted = repr(given) if given is not None else f"any of {', '.join(candidates)}"
         raise ValueError(f"{self.path}: no {role} token found ({wanted}); pass {role}= explicitly")
 
+    def _configured_eos(self) -> str | None:
+        config = self.path.parent / "tokenizer_config.json"
+        try:
+            token = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return None  # (not the model's config we know: the usual candidates)
+        token = token.get("content") if isinstance(token, dict) else token
+        return token if isinstance(token, str) and self._tokenizer.token_to_id(token) is not None else None
+
     def encode(self, text: str) -> list[int]:
-        """Plain encoding: no bos/eos are added here, the datasets decide where eos goes."""
+        """Plain encoding, no special tokens."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_split(self, text: str, split: int) -> tuple[list[int], list[bool]]:
+        """The ids of ``text`` as the model reads a sample (with its post-processor's bos, if any) and, for each,
+        whether it holds text from character ``split`` on: ``text`` is encoded whole, so a prompt and its
+        completion tokenize as they do together (apart, a word piece or space could split at the seam)."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=True)
+        return encoding.ids, [end > split for _, end in encoding.offsets]
+
+    def describe(self) -> str:
+        bos = self._tokenizer.encode("", add_special_tokens=True).tokens
+        return (f"{self.path} ({self.vocab_size} tokens, eos {self._tokenizer.id_to_token(self.eos_id)!r}"
+                + (f", each sample begins with {bos}" if bos else "") + ")")
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
