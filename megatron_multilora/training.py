@@ -119,10 +119,11 @@ class MultiLoRATrainer:
         # The config file's tenants' data is read first: a bad file fails before any process group or model
         # exists. (The control directory's tenants are read when they start.)
         self._preloaded: dict[tuple[str, bool], TenantDataset] = {}
+        self._noted_cuts: set[tuple[str, bool]] = set()
         for tc in run.tenants:
             for path, pack in ((tc.train_data, run.pack_sequences), (tc.valid_data, False)):
                 if path is not None:
-                    self._preloaded[(path, pack)] = self._dataset(path, pack)
+                    self._preloaded[(path, pack)] = TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
         platform.initialize_model_parallel(
             run.parallel_layout(), seed=run.seed, timeout_seconds=60 * run.distributed_timeout_minutes,
             backend=run.distributed_backend,
@@ -372,9 +373,20 @@ class MultiLoRATrainer:
         )
 
     def _dataset(self, path: str, pack: bool = False) -> TenantDataset:
-        """A tenant data file as a dataset: the one read at start, once, else read now."""
+        """A tenant data file as a dataset: the one read at start, once, else read now. Samples cut to fit
+        seq_length are said (once per file), with those left with no loss: they count in batches, train nothing."""
         found = self._preloaded.pop((path, pack), None)
-        return found if found is not None else TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
+        dataset = found if found is not None else TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
+        if dataset.cut and (path, pack) not in self._noted_cuts:
+            self._noted_cuts.add((path, pack))
+            self.metrics.note(
+                f"{path}: {dataset.cut} of {dataset.num_documents} samples " + (
+                    f"are cut between two packed sequences of {self.seq_length} tokens (attention does not reach "
+                    "across them)" if pack else
+                    f"are longer than seq_length {self.seq_length} and cut" + (
+                        f", {dataset.cut_without_loss} of them left with no token with loss"
+                        if dataset.cut_without_loss else "")))
+        return dataset
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, tenants: list[str] | None = None) -> dict[str, float]:

@@ -170,6 +170,16 @@ def test_truncation(tmp_path):
     assert item["loss_mask"].tolist() == [1, 1, 1, 1]
 
 
+def test_cut_samples_are_counted(tmp_path):
+    """(Samples whose completion seq_length cut away trained nothing, unsaid; the trainer names the counts.)"""
+    records = [{"prompt": "x" * 12, "completion": "y"}, {"text": "abcdefghij"}, {"text": "ab"}]
+    ds = TenantDataset(write_jsonl(tmp_path / "t.jsonl", records), TOK, seq_length=6)
+    assert (ds.cut, ds.cut_without_loss) == (2, 1)
+    packed = TenantDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": "abc"}, {"text": "defgh"}]), TOK,
+                           seq_length=4, pack=True)  # ids abc. | defgh. : the second crosses a window edge
+    assert (packed.cut, packed.cut_without_loss) == (1, 0)
+
+
 def test_packing_keeps_masks_and_separates_documents(tmp_path):
     records = [
         {"prompt": "xy", "completion": "z"},

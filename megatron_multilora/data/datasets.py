@@ -108,7 +108,10 @@ class TenantDataset:
     Padding (default): one sample per row, truncated to ``seq_length + 1`` ids, padded with ``pad_id``.
     Packing (``pack=True``): the tenant's samples are concatenated (eos between documents) and cut into
     windows that overlap by one id, so every token after the first is a label exactly once; the last
-    window is padded. Attention is not reset at document boundaries.
+    window is padded. Attention is not reset at document boundaries, and a document may be cut between two
+    windows (megatron's pretraining data without --reset-attention-mask: for plain text, not prompt /
+    completion pairs). ``cut`` counts the samples truncated (padding) or cut between windows (packing);
+    ``cut_without_loss`` those of them left with no token with loss (padding).
     """
 
     def __init__(self, path, tokenizer, seq_length: int, *, pack: bool = False):
@@ -132,12 +135,19 @@ class TenantDataset:
             mask = np.concatenate([mask, np.zeros(span - len(mask), dtype=np.float32)])
             index = np.arange(rows)[:, None] * seq_length + np.arange(width)
             self._ids, self._mask = ids[index], mask[index]
+            ends = np.cumsum([len(i) for i, _ in ended])
+            self.cut, self.cut_without_loss = int(((ends - 1) // seq_length != (ends - [len(i) for i, _ in ended])
+                                                   // seq_length).sum()), 0
         else:
             self._ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
             self._mask = np.zeros((len(samples), width), dtype=np.float32)
+            self.cut = self.cut_without_loss = 0
             for row, (ids, mask) in enumerate(samples):
                 n = min(len(ids), width)
                 self._ids[row, :n], self._mask[row, :n] = ids[:n], mask[:n]
+                if n < len(ids):
+                    self.cut += 1
+                    self.cut_without_loss += int(not mask[1:n].any())
         if not self._mask[:, 1:].any():  # a tenant that could never take a step
             raise DataError(f"{path}: no sample has a token with loss within seq_length {seq_length} (every "
                             "loss_mask is 0, or every prompt fills the sequence)")
