@@ -185,13 +185,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--recompute-activations", action=argparse.BooleanOptionalAction,
                    help="recompute activations in the backward pass" + _d(R, "recompute_activations"))
     g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction,
-                   help="pack several short samples into one sequence" + _d(R, "pack_sequences"))
+                   help="concatenate a tenant's samples into one token stream cut every seq_length tokens "
+                        "(pretraining style: attention crosses samples and a sample may be cut in two; not for "
+                        "prompt / completion data)" + _d(R, "pack_sequences"))
     g.add_argument("--seed", type=int, metavar="N",
                    help="run seed; tenants without a seed use it" + _d(R, "seed"))
 
     g = parser.add_argument_group("data")
     g.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer.json (or a directory holding one), or 'byte' (default: byte)")
+                   help="tokenizer.json (or a directory holding one), or 'byte' (default: the tokenizer.json "
+                        "beside --load-base, else byte)")
     g.add_argument("--tenants-dir", metavar="DIR",
                    help="directory of tenant YAML files (one per tenant, name = file stem unless set), read "
                         "at every iteration boundary from the first on: tenants join, and leave with <name>.stop")
