@@ -98,9 +98,9 @@ class HFTokenizer:
         return encoding.ids, [end > split for _, end in encoding.offsets]
 
     def describe(self) -> str:
-        bos = self._tokenizer.encode("", add_special_tokens=True).tokens
+        added = self._tokenizer.encode("", add_special_tokens=True).tokens
         return (f"{self.path} ({self.vocab_size} tokens, eos {self._tokenizer.id_to_token(self.eos_id)!r}"
-                + (f", each sample begins with {bos}" if bos else "") + ")")
+                + (f", its post-processor adds {added} to each sample" if added else "") + ")")
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
