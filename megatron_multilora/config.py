@@ -1100,13 +1100,17 @@ def base_identity(run: RunConfig) -> dict:
 
 
 def tokenizer_identity(run: RunConfig) -> dict:
-    """The tokenizer of ``run`` as its run checkpoints record it: the file and a hash of its content (another
-    tokenizer turns every tenant's text into other token ids)."""
+    """The tokenizer of ``run`` as its run checkpoints record it: the file and a hash of its content and of the
+    tokenizer_config.json beside it (another tokenizer, or eos, turns every tenant's text into other ids)."""
     if run.byte_tokenizer:
         return {"file": "byte", "sha256": "byte"}
     path = Path(run.tokenizer)
     path = path / "tokenizer.json" if path.is_dir() else path
-    return {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    digest = hashlib.sha256(path.read_bytes())
+    config = path.parent / "tokenizer_config.json"  # (its eos_token is the one samples end with)
+    if config.is_file():
+        digest.update(config.read_bytes())
+    return {"file": str(path.resolve()), "sha256": digest.hexdigest()}
 
 
 def _base_problems(run: RunConfig, load: Path) -> list[str]:

@@ -509,7 +509,8 @@ def _copy_tokenizer(hf_dir, out_dir, log) -> None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (Path(hf_dir) / name).is_file():
                 shutil.copyfile(Path(hf_dir) / name, Path(out_dir) / name)
-        log(f"copied tokenizer.json: train with --load-base {out_dir} (which takes it)")
+        log(f"copied tokenizer.json (and tokenizer_config.json, if any): train with --load-base {out_dir} (which "
+            "takes it)")
     else:
         log("note: the Hugging Face directory has no tokenizer.json: give --tokenizer when training")
 

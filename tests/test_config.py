@@ -353,7 +353,15 @@ def test_tokenizer_vocabulary_must_fit_the_model(raw, tmp_path):
         Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
 
     save(100)
-    assert check({**raw, "tokenizer": str(tmp_path)}).tokenizer == str(tmp_path)  # a directory with one
+    run = check({**raw, "tokenizer": str(tmp_path)})
+    assert run.tokenizer == str(tmp_path)  # a directory with one
+    # what run checkpoints record of it covers the tokenizer_config.json beside it (its eos_token)
+    from megatron_multilora.config import tokenizer_identity
+
+    before = tokenizer_identity(run)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w1"}))
+    assert tokenizer_identity(run)["sha256"] != before["sha256"] and before["file"].endswith("tokenizer.json")
+    (tmp_path / "tokenizer_config.json").unlink()
     save(400)
     with pytest.raises(ConfigError, match=r"tokenizer .* has 400 tokens, more than model\.vocab_size 320"):
         check({**raw, "tokenizer": str(tmp_path / "tokenizer.json")})

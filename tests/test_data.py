@@ -69,10 +69,11 @@ def test_hf_tokenizer_errors(tmp_path):
         HFTokenizer(tmp_path / "tokenizer.json")
 
 
-def _chat_bpe(path, *, template: bool = True):
+def _chat_bpe(path, *, template: str | None = "<s> $A"):
     """A byte-level BPE like GPT-2's / Llama-3's (trained here on a few lines, so " 4" is one token), with
-    </s> and <|im_end|>, a bos template when `template`, and the truncation / padding a file may carry."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    </s> and <|im_end|>, a chat role marker that eats the whitespace after it (rstrip, as Phi-3's), the
+    post-processor `template`, and the truncation / padding a file may carry."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -80,8 +81,9 @@ def _chat_bpe(path, *, template: bool = True):
     tok.train_from_iterator(["Answer: 4", "Answer: 4 4 4", "Question: what is 2+2? Answer: 4"] * 20,
                             trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_end|>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken("<|assistant|>", rstrip=True)])
     if template:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 1)])
     tok.enable_truncation(max_length=3)  # (stored in the file: transformers ignores them, so must we)
     tok.enable_padding(length=12, pad_id=1, pad_token="</s>")
     tok.save(str(path))
@@ -106,6 +108,24 @@ def test_hf_tokenizer_encodes_samples_as_transformers_does(tmp_path):
     ids, mask = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"text": "Answer: 4</s>"}]), tok)[0]
     assert ids.tolist() == reference.encode("Answer: 4</s>").ids and ids[-1] == tok.eos_id  # one eos
     assert ids[0] == reference.token_to_id("<s>") and mask[0] == 0 and mask[1:].all()  # the first word is trained
+    # text that begins with the bos already (a chat template's output) gets no second one
+    ids, _ = load_jsonl(write_jsonl(tmp_path / "b.jsonl", [{"text": "<s>Answer: 4"}]), tok)[0]
+    assert ids.tolist() == reference.encode("Answer: 4").ids + [tok.eos_id]
+    # a role marker that takes the completion's leading newline stays the prompt's
+    ids, mask = load_jsonl(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Question<|assistant|>",
+                                                               "completion": "\n4"}]), tok)[0]
+    marker = ids.tolist().index(reference.token_to_id("<|assistant|>"))
+    assert mask[marker] == 0 and mask[marker + 1:].all()
+
+
+def test_a_post_processor_that_adds_eos_ends_samples_with_one_trained_eos(tmp_path):
+    """(Its eos came with no loss -- the adapter never learned to stop -- or a second eos followed it.)"""
+    reference = _chat_bpe(tmp_path / "tokenizer.json", template="<s> $A </s>")
+    tok = build_tokenizer(tmp_path)
+    for record in ({"text": "Answer: 4"}, {"prompt": "Answer:", "completion": " 4"}):
+        ids, mask = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [record]), tok)[0]
+        assert ids.tolist() == reference.encode("Answer: 4").ids and ids.tolist().count(tok.eos_id) == 1
+        assert ids[-1] == tok.eos_id and mask[-1] == 1
 
 
 def test_the_eos_of_a_tokenizer_config_beside_the_file_is_the_models(tmp_path):
@@ -117,13 +137,17 @@ def test_the_eos_of_a_tokenizer_config_beside_the_file_is_the_models(tmp_path):
     assert tok.eos_id == reference.token_to_id("<|im_end|>") and "eos '<|im_end|>'" in tok.describe()
     ids, _ = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Answer:", "completion": " 4"}]), tok)[0]
     assert ids[-1] == tok.eos_id and ids[0] != reference.token_to_id("<s>")  # (no template: no bos)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|not_there|>"}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: eos_token '<|not_there|>' is not in the vocab"):
+        build_tokenizer(tmp_path)
 
 
 def test_a_string_the_tokenizer_cannot_take_is_named_with_its_line(tmp_path):
     _chat_bpe(tmp_path / "tokenizer.json")
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"text": "\\ud800"}\n')  # a lone surrogate (valid JSON escape)
-    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: "):
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: 'text' is not valid Unicode \(a lone surrogate at "
+                                        r"character 0\)"):
         load_jsonl(path, build_tokenizer(tmp_path))
 
 
@@ -178,6 +202,9 @@ def test_cut_samples_are_counted(tmp_path):
     packed = TenantDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": "abc"}, {"text": "defgh"}]), TOK,
                            seq_length=4, pack=True)  # ids abc. | defgh. : the second crosses a window edge
     assert (packed.cut, packed.cut_without_loss) == (1, 0)
+    exact = TenantDataset(write_jsonl(tmp_path / "e.jsonl", [{"text": "abc"}, {"text": "de"}]), TOK, seq_length=3,
+                          pack=True)  # abc. fills window 0 (4 ids), de. lies in window 1 ([3, 6]): none is cut
+    assert exact.cut == 0
 
 
 def test_packing_keeps_masks_and_separates_documents(tmp_path):

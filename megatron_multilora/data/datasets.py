@@ -49,7 +49,7 @@ def load_jsonl(path, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
                 raise DataError(f"{where}: invalid JSON ({e})") from None
             try:
                 samples.append(_tokenize(record, tokenizer))
-            except (ValueError, TypeError) as e:  # (TypeError: the tokenizers library's, e.g. a lone surrogate)
+            except ValueError as e:
                 raise DataError(f"{where}: {e}") from None
     if not samples:
         raise DataError(f"{path}: no samples (the file is empty)")
@@ -92,6 +92,10 @@ def _string(record: dict, key: str) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"'{key}' is not valid Unicode (a lone surrogate at character {e.start})") from None
     return value
 
 
@@ -135,9 +139,10 @@ class TenantDataset:
             mask = np.concatenate([mask, np.zeros(span - len(mask), dtype=np.float32)])
             index = np.arange(rows)[:, None] * seq_length + np.arange(width)
             self._ids, self._mask = ids[index], mask[index]
-            ends = np.cumsum([len(i) for i, _ in ended])
-            self.cut, self.cut_without_loss = int(((ends - 1) // seq_length != (ends - [len(i) for i, _ in ended])
-                                                   // seq_length).sum()), 0
+            lengths = np.array([len(i) for i, _ in ended])
+            ends = np.cumsum(lengths)  # window r holds ids [r * seq_length, (r + 1) * seq_length]
+            self.cut = int(((ends - 2) // seq_length != (ends - lengths) // seq_length).sum())
+            self.cut_without_loss = 0
         else:
             self._ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
             self._mask = np.zeros((len(samples), width), dtype=np.float32)

@@ -39,9 +39,9 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` loaded with the ``tokenizers`` library, encoding as transformers does:
-    its post-processor's special tokens (a bos) added, and no truncation or padding a file may have stored
-    (transformers resets both on every call; kept, they would cut and pad every sample).
+    """A Hugging Face ``tokenizer.json`` loaded with the ``tokenizers`` library, encoding a sample as transformers
+    does: its post-processor's bos first, and no truncation or padding a file may have stored (transformers
+    resets both on every call; kept, they would cut and pad every sample). See :meth:`encode_split`.
 
     ``eos`` / ``pad`` may be given as a token string or an id; otherwise the ``eos_token`` of a
     ``tokenizer_config.json`` beside the file (the model's own, e.g. a chat model's end of turn), else common
@@ -60,6 +60,7 @@ class HFTokenizer:
         self._tokenizer.no_padding()
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._special_id("eos", eos if eos is not None else self._configured_eos(), _EOS_CANDIDATES)
+        self._prefix = self._template_prefix()
         if pad is None and not any(self._tokenizer.token_to_id(t) is not None for t in _PAD_CANDIDATES):
             self.pad_id = self.eos_id
         else:
@@ -77,6 +78,21 @@ class HFTokenizer:
         wanted = repr(given) if given is not None else f"any of {', '.join(candidates)}"
         raise ValueError(f"{self.path}: no {role} token found ({wanted}); pass {role}= explicitly")
 
+    def _template_prefix(self) -> list[int]:
+        """What the post-processor puts before a text (a bos), seen around a word of the vocabulary ("a" may be
+        none, and a vocabulary without an unknown token cannot encode it)."""
+        added = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()}
+        words = ["a", next((w for w in self._tokenizer.get_vocab() if w not in added), "a")]
+        for word in words:
+            try:
+                probe = self._tokenizer.encode(word, add_special_tokens=True)
+            except Exception:  # noqa: BLE001 - the tokenizers library raises its own, untyped errors
+                continue
+            text = [i for i, special in enumerate(probe.special_tokens_mask) if not special]
+            if text:
+                return probe.ids[:text[0]]
+        return []
+
     def _configured_eos(self) -> str | None:
         config = self.path.parent / "tokenizer_config.json"
         try:
@@ -84,23 +100,33 @@ class HFTokenizer:
         except (OSError, ValueError, AttributeError):
             return None  # (not the model's config we know: the usual candidates)
         token = token.get("content") if isinstance(token, dict) else token
-        return token if isinstance(token, str) and self._tokenizer.token_to_id(token) is not None else None
+        if isinstance(token, str) and self._tokenizer.token_to_id(token) is None:
+            raise ValueError(f"{config}: eos_token {token!r} is not in the vocabulary of {self.path}")
+        return token if isinstance(token, str) else None
 
     def encode(self, text: str) -> list[int]:
         """Plain encoding, no special tokens."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_split(self, text: str, split: int) -> tuple[list[int], list[bool]]:
-        """The ids of ``text`` as the model reads a sample (with its post-processor's bos, if any) and, for each,
-        whether it holds text from character ``split`` on: ``text`` is encoded whole, so a prompt and its
-        completion tokenize as they do together (apart, a word piece or space could split at the seam)."""
-        encoding = self._tokenizer.encode(text, add_special_tokens=True)
-        return encoding.ids, [end > split for _, end in encoding.offsets]
+        """The ids of ``text`` as the model reads a sample and, for each, whether it holds text from character
+        ``split`` on: ``text`` is encoded whole, so a prompt and its completion tokenize as they do together
+        (apart, a word piece or space could split at the seam). The post-processor's bos comes first unless the
+        text begins with it already (chat-template output); what it puts after the text (an eos) is left to the
+        caller, which ends a sample with a trained eos. (An added token that strips the whitespace after it, a
+        chat role marker, is the prompt's if its own text is.)"""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        ids, trained = list(encoding.ids), []
+        for start, end in encoding.offsets:
+            own_end = start + len(text[start:end].rstrip()) if start < split else end
+            trained.append(end > split and own_end > split)
+        prefix = [] if ids[:len(self._prefix)] == self._prefix else self._prefix
+        return prefix + ids, [False] * len(prefix) + trained
 
     def describe(self) -> str:
-        added = self._tokenizer.encode("", add_special_tokens=True).tokens
+        bos = [self._tokenizer.id_to_token(i) for i in self._prefix]
         return (f"{self.path} ({self.vocab_size} tokens, eos {self._tokenizer.id_to_token(self.eos_id)!r}"
-                + (f", its post-processor adds {added} to each sample" if added else "") + ")")
+                + (f", each sample begins with {bos}" if bos else "") + ")")
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
