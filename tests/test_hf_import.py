@@ -399,3 +399,8 @@ def test_a_missing_output_or_model_source_is_named_like_other_errors(tmp_path, c
     assert convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(tmp_path), "--out",
                                     str(tmp_path / "out")]) == 2
     assert "error: export-peft: the model's shape is needed: give --base" in capsys.readouterr().err
+    # two sources of the model's shape: refused (one was taken by order, unsaid)
+    with pytest.raises(SystemExit) as e:
+        convert_checkpoint.main(["export-peft", "--tenant-checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
+                                 "--base", str(tmp_path), "--hf-dir", str(tmp_path)])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
