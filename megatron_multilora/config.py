@@ -1044,7 +1044,7 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
                     if (load / "adapter_config.json").is_file() else "")
             problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no {TENANTS_DIR}/ directory){hint}")
     if load is not None and (load / TRACKER).is_file():
-        problems += _base_problems(run, load)
+        problems += _resume_identity_problems(run, load)
     return problems
 
 
@@ -1113,7 +1113,15 @@ def tokenizer_identity(run: RunConfig) -> dict:
     return {"file": str(path.resolve()), "sha256": digest.hexdigest()}
 
 
-def _base_problems(run: RunConfig, load: Path) -> list[str]:
+def tokenizer_change(saved: dict | None, mine: dict) -> str | None:
+    """What a checkpoint trained with `saved` (a tokenizer_identity; None: not recorded, taken as it is) says
+    against a run tokenizing with `mine`, or None when they are the same."""
+    if saved is None or saved["sha256"] == mine["sha256"]:
+        return None
+    return f"was trained with the tokenizer {saved['file']}; this run tokenizes with {mine['file']}"
+
+
+def _resume_identity_problems(run: RunConfig, load: Path) -> list[str]:
     """A resume on another base than its checkpoint's (the tenants would go on training against other weights,
     with no error anywhere): another model, a random base for a saved one, or a random base drawn with another
     seed or model-parallel layout; or with another tokenizer (other token ids for the same data)."""
@@ -1125,15 +1133,13 @@ def _base_problems(run: RunConfig, load: Path) -> list[str]:
         return []  # (the trainer names a damaged checkpoint)
     problems = []
     saved_tokenizer = meta.get("tokenizer")  # (checkpoints before it was recorded: not checked)
-    if saved_tokenizer is not None:
-        try:
-            mine_tokenizer = tokenizer_identity(run)
-        except OSError:  # (named with the data checks: tokenizer file not found)
-            mine_tokenizer = saved_tokenizer
-        if saved_tokenizer["sha256"] != mine_tokenizer["sha256"]:
-            problems.append(f"load: {load} was trained with the tokenizer {saved_tokenizer['file']}; this run "
-                            f"tokenizes with {mine_tokenizer['file']}, other token ids for every tenant's data "
-                            f"(give --tokenizer {saved_tokenizer['file']}, or the same file elsewhere)")
+    try:
+        change = tokenizer_change(saved_tokenizer, tokenizer_identity(run))
+    except OSError:  # (named with the data checks: tokenizer file not found)
+        change = None
+    if change is not None:
+        problems.append(f"load: {load} {change}, other token ids for every tenant's data (give --tokenizer "
+                        f"{saved_tokenizer['file']}, or the same file elsewhere)")
     saved = meta.get("base")
     if saved is None:
         return problems

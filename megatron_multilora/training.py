@@ -22,7 +22,7 @@ from . import checkpointing, platform
 from . import model as model_lib
 from . import tenant_checkpoint as ckpt
 from .config import (ConfigError, RunConfig, TenantConfig, base_identity, field_changes, tenant_from_dict,
-                     tokenizer_identity)
+                     tokenizer_change, tokenizer_identity)
 from .data.datasets import DataError, TenantDataset
 from .data.source import PAD_SLOT, MultiAdapterDataSource
 from .data.tokenizer import build_tokenizer
@@ -75,10 +75,9 @@ def _check_same_adapter(tc: TenantConfig, saved: dict, where) -> None:
 def _check_same_tokenizer(name: str, saved: dict, mine: dict, where) -> None:
     """A tenant's checkpoint goes on with the tokenizer it trained with (another gives its data other token
     ids); one that does not record it (import-peft's, older ones) is taken as it is."""
-    theirs = saved.get("tokenizer")
-    if theirs is not None and theirs["sha256"] != mine["sha256"]:
-        raise ckpt.CheckpointError(f"tenant {name!r}: its checkpoint {where} was trained with the tokenizer "
-                                   f"{theirs['file']}; this run tokenizes with {mine['file']}")
+    change = tokenizer_change(saved.get("tokenizer"), mine)
+    if change is not None:
+        raise ckpt.CheckpointError(f"tenant {name!r}: its checkpoint {where} {change}")
 
 
 @dataclass
@@ -379,13 +378,7 @@ class MultiLoRATrainer:
         dataset = found if found is not None else TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
         if dataset.cut and (path, pack) not in self._noted_cuts:
             self._noted_cuts.add((path, pack))
-            self.metrics.note(
-                f"{path}: {dataset.cut} of {dataset.num_documents} samples " + (
-                    f"are cut between two packed sequences of {self.seq_length} tokens (attention does not reach "
-                    "across them)" if pack else
-                    f"are longer than seq_length {self.seq_length} and cut" + (
-                        f", {dataset.cut_without_loss} of them left with no token with loss"
-                        if dataset.cut_without_loss else "")))
+            self.metrics.note(dataset.cuts_said())
         return dataset
 
     # ---- evaluation ------------------------------------------------------------------------------------

@@ -199,6 +199,8 @@ def test_cut_samples_are_counted(tmp_path):
     records = [{"prompt": "x" * 12, "completion": "y"}, {"text": "abcdefghij"}, {"text": "ab"}]
     ds = TenantDataset(write_jsonl(tmp_path / "t.jsonl", records), TOK, seq_length=6)
     assert (ds.cut, ds.cut_without_loss) == (2, 1)
+    assert ds.cuts_said().endswith("2 of 3 samples are longer than seq_length 6 and cut, 1 of them left with no "
+                                   "token with loss")
     packed = TenantDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": "abc"}, {"text": "defgh"}]), TOK,
                            seq_length=4, pack=True)  # ids abc. | defgh. : the second crosses a window edge
     assert (packed.cut, packed.cut_without_loss) == (1, 0)

@@ -61,9 +61,9 @@ def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     keys = {k for k in ("text", "prompt", "completion", "input_ids", "loss_mask") if k in record}
     if keys in ({"text"}, {"prompt", "completion"}):
-        prompt = "" if keys == {"text"} else _string(record, "prompt")
-        ids, trained = tokenizer.encode_split(prompt + _string(record, "text" if keys == {"text"} else "completion"),
-                                              len(prompt))
+        prompt, trained_text = (("", _string(record, "text")) if keys == {"text"} else
+                                (_string(record, "prompt"), _string(record, "completion")))
+        ids, trained = tokenizer.encode_split(prompt + trained_text, len(prompt))
         mask = [int(t) for t in trained]
         if not ids or ids[-1] != tokenizer.eos_id:
             ids, mask = ids + [tokenizer.eos_id], mask + [1]
@@ -122,7 +122,7 @@ class TenantDataset:
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
         samples = load_jsonl(path, tokenizer)
-        self.path = Path(path)
+        self.path, self.packed = Path(path), pack
         self.seq_length = seq_length
         self.pad_id = tokenizer.pad_id
         self.num_documents = len(samples)
@@ -156,6 +156,15 @@ class TenantDataset:
         if not self._mask[:, 1:].any():  # a tenant that could never take a step
             raise DataError(f"{path}: no sample has a token with loss within seq_length {seq_length} (every "
                             "loss_mask is 0, or every prompt fills the sequence)")
+
+    def cuts_said(self) -> str:
+        """The samples cut to fit, in a sentence for the log."""
+        if self.packed:
+            return (f"{self.path}: {self.cut} of {self.num_documents} samples are cut between two packed sequences "
+                    f"of {self.seq_length} tokens (attention does not reach across them)")
+        lost = f", {self.cut_without_loss} of them left with no token with loss" if self.cut_without_loss else ""
+        return (f"{self.path}: {self.cut} of {self.num_documents} samples are longer than seq_length "
+                f"{self.seq_length} and cut{lost}")
 
     def __len__(self) -> int:
         return len(self._ids)
