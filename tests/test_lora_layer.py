@@ -522,6 +522,34 @@ def test_expert_linear_matches_per_expert_reference(monkeypatch, case, padded):
     assert bool(grouped_calls) != padded, "the GEMM path under test was not the one taken"
 
 
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded-bmm", "grouped-mm"])
+def test_expert_linear_keeps_a_non_finite_gradient_to_its_own_segment(monkeypatch, padded, poison):
+    """Segments of one rank share a GEMM (padded to the longest on CPU): a non-finite output gradient in one
+    tenant's rows (the first row of the run, which padding gathers from) must leave every other segment's weight
+    gradients finite and exactly as without it -- the optimizer skips only the tenant whose gradient is not finite."""
+    from megatron_multilora.lora import ops
+
+    monkeypatch.setattr(ops, "_CPU_PADDED_GROUP", 10**9 if padded else 0)
+    segs, counts, d_in, d_out = EXPERT_CASES["uniform"]  # one rank: one run, segments of unequal length
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(d_out, d_in, generator=gen) for _ in counts]
+    a_ws = [torch.nn.Parameter(torch.randn(6, 8, d_in, generator=gen)) for _ in counts]
+    b_ws = [torch.nn.Parameter(torch.randn(6, d_out, 8, generator=gen)) for _ in counts]
+    segments = [ops.Segment(slot, start, end, rank, scale, 0.0, e) for e, slot, start, end, rank, scale in segs]
+    x, gy = torch.randn(sum(counts), d_in, generator=gen), torch.randn(sum(counts), d_out, generator=gen)
+    grads = []
+    for g in (gy, gy.clone().index_fill_(0, torch.tensor([0]), poison)):
+        for p in a_ws + b_ws:
+            p.grad = None
+        (ops.expert_linear(x, weights, counts, a_ws, b_ws, segments) * g).sum().backward()
+        grads.append([(a_ws[e].grad[slot].clone(), b_ws[e].grad[slot].clone()) for e, slot, *_ in segs])
+    (first_a, first_b), *others = grads[1]
+    assert not torch.isfinite(first_a).all() and not torch.isfinite(first_b).all()  # the poisoned tenant's own
+    for (a, b), (clean_a, clean_b) in zip(others, grads[0][1:]):
+        assert torch.equal(a, clean_a) and torch.equal(b, clean_b)
+
+
 def test_expert_linear_trains_the_lora_of_an_input_without_gradient():
     """The LoRA parameters are not inputs of the grouped experts' autograd node (one anchor is): its backward must
     still run, and fill every expert's gradient, when the experts' input needs no gradient (a frozen first layer)."""

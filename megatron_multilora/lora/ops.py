@@ -460,12 +460,14 @@ def _scaled(t: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
     return (t * (per_segment if t.dim() == 3 else per_row)).to(t.dtype)
 
 
-def _pad(rows: torch.Tensor, run: _ExpertRun, zero_gaps: bool) -> torch.Tensor:
-    """Rows [n, d] of the run's segments -> [G, longest, d] (one gather), the rows past a segment's end zero
-    (`zero_gaps`) or any of its rows: padded x has zero gaps, so h's are zero too and neither weight gradient
-    (gy^T h, g_h^T x) sees what the padded gradient holds there; every other padded row is dropped by _unpad."""
+def _pad(rows: torch.Tensor, run: _ExpertRun) -> torch.Tensor:
+    """Rows [n, d] of the run's segments -> [G, longest, d] (one gather), the rows past a segment's end zero. For
+    x that makes h's gap rows zero, so the weight gradients (gy^T h, g_h^T x) see nothing of the gradient's gap
+    rows -- as long as those are finite: the gradient is padded with zeros too, since 0 * inf is nan and a gap
+    filled from another segment's row would carry one tenant's non-finite gradient into the others' (every
+    other padded row is dropped by _unpad)."""
     out = rows.index_select(0, run.src)
-    if zero_gaps and run.gaps is not None:
+    if run.gaps is not None:
         out.index_fill_(0, run.gaps, 0)
     return out.view(len(run.sizes), run.longest, -1)
 
@@ -505,7 +507,7 @@ class _ExpertLinear(torch.autograd.Function):
             a, b = _stacked(weights_a, run, 1), _stacked(weights_b, run, 2)
             xs = _rows(xl, run)
             if pad:  # x and h kept padded for the weight gradients
-                xs = _pad(xs, run, zero_gaps=True)
+                xs = _pad(xs, run)
                 hs = _bmm_scaled(xs, a.mT, run)
                 product = _unpad(torch.bmm(hs, b.mT), run)
             else:
@@ -534,7 +536,7 @@ class _ExpertLinear(torch.autograd.Function):
             xs, hs = saved[2 * i], saved[2 * i + 1]
             gy = _rows(grad_y, run)
             if pad:
-                gy = _pad(gy, run, zero_gaps=False)
+                gy = _pad(gy, run)
                 g_h = _bmm_scaled(gy, b, run)
                 grad_b, grad_a = torch.bmm(gy.mT, hs), torch.bmm(g_h.mT, xs)
             else:
