@@ -123,6 +123,7 @@ def test_lora_dropout_is_replayed_exactly_by_activation_recompute(data):
 LAYOUTS = [
     (dict(tensor_model_parallel_size=2, sequence_parallel=True), 2),
     (dict(expert_model_parallel_size=2), 2),  # DP 2 = EP 2
+    (dict(expert_model_parallel_size=2), 4),  # DP 4 over EP 2: expert gradients summed over expert-DP pairs
     (dict(expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall"), 2),
     (dict(pipeline_model_parallel_size=2), 2),
     (dict(), 2),  # DP 2
