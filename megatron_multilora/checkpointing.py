@@ -42,16 +42,15 @@ def load_base(model, directory: str | Path) -> None:
     ``--save`` directory (its latest_checkpointed_iteration.txt names the iteration)."""
     from megatron.core import dist_checkpointing
 
-    from .tenant_checkpoint import CheckpointError
+    from .tenant_checkpoint import LOAD_FAILURES, CheckpointError, failure_said
 
     directory = resolve_base_dir(directory)
     sharded = _base_sharded_state_dict(model)
     _match_checkpoint_keys(sharded, directory)
     try:
         state = dist_checkpointing.load(sharded, str(directory))
-    except Exception as e:  # noqa: BLE001 - e.g. another model's shapes: named with the directory, one line
-        raise CheckpointError(f"cannot load the base {directory} into this model: {type(e).__name__}: "
-                              f"{str(e)[:500]}") from e
+    except LOAD_FAILURES as e:  # e.g. another model's shapes: named with the directory, one line
+        raise CheckpointError(f"cannot load the base {directory} into this model: {failure_said(e)}") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".lora_" not in k and not k.endswith("._extra_state")]
     if missing:
@@ -84,7 +83,13 @@ def _match_checkpoint_keys(sharded: dict, directory: Path) -> None:
 def resolve_base_dir(directory: str | Path) -> Path:
     """The dist_checkpointing directory of a base checkpoint: ``directory`` itself if it holds one, else the
     iteration named by a Megatron-LM ``latest_checkpointed_iteration.txt`` (``iter_0000100`` or ``release``)."""
+    from .tenant_checkpoint import MANIFEST, TENANTS_DIR
+
     directory = Path(directory)
+    if (directory / MANIFEST).is_file() or (
+            (directory / TENANTS_DIR).is_dir() and not (directory / "metadata.json").exists()):
+        raise ValueError(f"{directory} is a multi-LoRA checkpoint (adapters and training state, no base weights): "
+                         "give the base that run trained on (its --load-base), or resume the run with --load")
     if (directory / "metadata.json").exists():
         return directory
     tracker = directory / "latest_checkpointed_iteration.txt"

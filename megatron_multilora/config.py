@@ -1025,7 +1025,7 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
     """--save may hold a run's checkpoints only when this run resumes them (--load the same directory): a fresh
     run would write its own iterations over them and move their pointer back. --load names a checkpoint, unless it
     is --save itself (resume if there is one: the usual `--save DIR --load DIR`)."""
-    from .tenant_checkpoint import TENANTS_DIR, TRACKER
+    from .tenant_checkpoint import RUN_DIR, TENANTS_DIR, TRACKER
 
     save = Path(run.save) if run.save is not None else None
     load = Path(run.load) if run.load is not None else None
@@ -1043,6 +1043,11 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
                     f"--peft-dir {load} --save SAVE ..., then --load SAVE"
                     if (load / "adapter_config.json").is_file() else "")
             problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no {TENANTS_DIR}/ directory){hint}")
+        elif load.resolve().parent.name == TENANTS_DIR and not (load / RUN_DIR).is_dir():
+            problems.append(f"load: {load} is tenant {load.resolve().name!r}'s checkpoints, not a run's: --load takes "
+                            f"the run's directory ({load.resolve().parent.parent}); a new job starts the tenant from "
+                            f"them when they are under {TENANTS_DIR}/{load.resolve().name}/ of its --save or --load")
+            return problems
     if load is not None and (load / TRACKER).is_file():
         problems += _resume_identity_problems(run, load)
     return problems

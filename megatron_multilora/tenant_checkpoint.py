@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 
 FORMAT = "megatron-multilora/1"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -64,6 +65,20 @@ _ITER_RE = re.compile(r"iter_(\d{7,})")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the directory or file."""
+
+
+# What reading a checkpoint can raise besides our own errors: torch.distributed.checkpoint gathers every rank's
+# failure (another model's shapes, a missing shard) into a CheckpointException, which derives from BaseException
+# -- an `except Exception` lets it through and it ends the whole job.
+LOAD_FAILURES = (Exception, CheckpointException)
+
+
+def failure_said(e: BaseException) -> str:
+    """One line for a load failure: a CheckpointException's first rank's own error (its str is every rank's
+    traceback)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -356,8 +371,8 @@ def load_sharded(directory: Path, sharded: dict, strict: str = "raise_all", *, v
         on_rank0(verify_checkpoint, Path(directory))
     try:
         return dist_checkpointing.load(sharded, str(directory), strict=strict)
-    except Exception as e:  # noqa: BLE001 - every failure names the checkpoint
-        raise CheckpointError(f"cannot load checkpoint {directory}: {type(e).__name__}: {e}") from e
+    except LOAD_FAILURES as e:  # every failure names the checkpoint
+        raise CheckpointError(f"cannot load checkpoint {directory}: {failure_said(e)}") from e
 
 
 def load_common(directory: Path, *, verify: bool = True) -> dict:
@@ -369,8 +384,8 @@ def load_common(directory: Path, *, verify: bool = True) -> dict:
         on_rank0(verify_checkpoint, Path(directory))
     try:
         return dist_checkpointing.load_common_state_dict(str(directory))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {directory}: {type(e).__name__}: {e}") from e
+    except LOAD_FAILURES as e:
+        raise CheckpointError(f"cannot read checkpoint {directory}: {failure_said(e)}") from e
 
 
 # ---------------------------------------------------------------------------------------------- adapters

@@ -239,6 +239,23 @@ def test_checkpoint_and_output_paths_are_checked_before_the_run(raw, tmp_path):
         check({**raw, "load_base": str(hf_dir)})
     with pytest.raises(ConfigError, match=r"a PEFT adapter -- convert it first with .* import-peft"):
         check({**raw, "load": str(peft_dir)})
+    # one tenant's checkpoints as --load (they have a pointer too); a run's checkpoint, or one of its iterations,
+    # as --load-base (adapters, no base weights): named before any model is built
+    prev = tmp_path / "prev_run"
+    tenant_root, run_iter = prev / "tenants" / "a", prev / "run" / "iter_0000060"
+    for where in (tenant_root / "iter_0000060", run_iter):
+        where.mkdir(parents=True)
+        (where / "manifest.json").write_text("{}")
+        (where / "metadata.json").write_text("{}")
+    for where in (prev, tenant_root):
+        (where / "latest_checkpointed_iteration.txt").write_text("60\n")
+    with pytest.raises(ConfigError, match=r"load: .*tenants/a is tenant 'a''s checkpoints, not a run's: --load takes "
+                                          r"the run's directory \(.*prev_run\)"):
+        check({**raw, "load": str(tenant_root)})
+    for where in (prev, run_iter, tenant_root / "iter_0000060"):
+        with pytest.raises(ConfigError, match=r"load_base: .* is a multi-LoRA checkpoint \(adapters and training "
+                                              r"state, no base weights\)"):
+            check({**raw, "load_base": str(where)})
     assert sorted(p.name for p in old.iterdir()) == ["latest_checkpointed_iteration.txt", "run"]
     # resuming it in place, the usual `--save DIR --load DIR` (also before the first checkpoint exists), or a
     # directory of tenant checkpoints only (import-peft's output) are fine

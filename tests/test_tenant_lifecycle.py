@@ -226,6 +226,15 @@ def _startup_with_files(cfg: dict) -> dict:
 
     notes = []
     metrics.MetricsWriter.note = lambda self, line: notes.append(line)  # (a process of its own)
+    # "alien": an adapter of another model's hidden size (96, not 64) waiting under --save for its control file
+    import torch
+
+    from megatron_multilora.adapter_checkpoint import write_tenant_checkpoint
+    from megatron_multilora.lora.slots import LoRASpec
+
+    write_tenant_checkpoint(cfg["save"], "alien", LoRASpec(rank=4, alpha=4, target_modules=("linear_proj",)),
+                            {f"decoder.layers.{i}.self_attention.linear_proj": (torch.zeros(4, 96), torch.zeros(96, 4))
+                             for i in range(4)})
     out = {}
     for phase, fields in (("fresh", {}), ("resumed", {"load": cfg["save"]})):
         notes.clear()
@@ -241,8 +250,10 @@ def _startup_with_files(cfg: dict) -> dict:
             Path(c["train_data"]).rename(moved)
             tr.write_yaml(c_file, {**c, "train_data": str(moved)})
         out[phase] = dict(running=sorted(trainer.tenants), steps={n: t.steps for n, t in trainer.tenants.items()},
-                          refused=[n for n in ("baddata", "broken", "huge", "typo")
+                          refused=[n for n in ("alien", "baddata", "broken", "huge", "typo")
                                    if any(n in line and "refused" in line for line in notes)])
+        out[phase]["alien"] = any("tenant 'alien' refused: cannot load checkpoint" in n and "Global shape mismatch" in n
+                                  for n in notes)
         out["moved_note"] = any("tenant c: data read where its config now lists it" in n for n in notes)
         out[phase]["stopped_note"] = any(n.startswith("tenant s: not started (s.stop in ") for n in notes)
         trainer.close()
@@ -251,7 +262,8 @@ def _startup_with_files(cfg: dict) -> dict:
 
 def test_files_in_the_control_directory_at_start_are_read_like_later_ones(tmp_path):
     """A job (re)started with unusable tenant files in its control directory (broken YAML, an unknown key, a rank
-    above max_rank, a data file with a bad line) refuses them with a note and trains the others, as it does with
+    above max_rank, a data file with a bad line, a checkpoint of another model's shapes: torch's CheckpointException
+    is no Exception) refuses them with a note and trains the others, as it does with
     files that appear while it runs: they no longer stop the job, nor its restart with --load. A running dir
     tenant whose data moved (its file saying where) resumes from there."""
     control = tmp_path / "control"
@@ -263,14 +275,16 @@ def test_files_in_the_control_directory_at_start_are_read_like_later_ones(tmp_pa
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text('{"text": "fine"}\n{"text": oops}\n')
     tr.write_yaml(control / "baddata.yaml", {**tr.tenant(tmp_path, "baddata", seed=6), "train_data": str(bad_data)})
+    tr.write_yaml(control / "alien.yaml", {**tr.tenant(tmp_path, "alien", seed=8), "alpha": 4,
+                                           "target_modules": ["linear_proj"]})
     (control / "s.stop").write_text("")  # a config tenant stopped before the job starts
     cfg = tr.run_config([tr.tenant(tmp_path, "b", rank=4, seed=2), tr.tenant(tmp_path, "s", rank=4, seed=7)],
                         eval_interval=None, tenants_dir=str(control), save=str(tmp_path / "save"),
                         lora={"max_slots": 3, "max_rank": 8})
     out = run_world(_startup_with_files, 1, cfg)[0]
-    refused = ["baddata", "broken", "huge", "typo"]
+    refused = ["alien", "baddata", "broken", "huge", "typo"]
     assert out["fresh"] == {"running": ["b", "c"], "steps": {"b": 2, "c": 2}, "refused": refused,
-                            "stopped_note": True}
+                            "stopped_note": True, "alien": True}
     assert out["resumed"] == {"running": ["b", "c"], "steps": {"b": 3, "c": 3}, "refused": refused,
-                              "stopped_note": False}  # (a resume restores the run: s was never in it)
+                              "stopped_note": False, "alien": True}  # (a resume restores the run: s was never in it)
     assert out["moved_note"], "the resume did not say where c's data is read now"
