@@ -17,6 +17,7 @@ Both need a process group; in a process without one they start (and end) a singl
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from pathlib import Path
 from typing import Mapping
@@ -159,6 +160,7 @@ def write_tenant_checkpoint(
     sharded["tenant"] = meta
     with _process_group():
         return ckpt.save_sharded(
-            root, iteration, sharded, {k: meta[k] for k in ("name", "iteration", "run_id", "done")},
+            root, iteration, sharded,
+            {**{k: meta[k] for k in ("name", "iteration", "run_id", "done")}, "saved_at": time.time()},
             extra_files={"tenant.yaml": yaml.safe_dump(config, sort_keys=False)},
         )

@@ -606,7 +606,8 @@ class MultiLoRATrainer:
 
     def find_tenant_checkpoint(self, name: str):
         """The most recently saved complete checkpoint of tenant ``name`` under <load> and <save> (None if none;
-        iteration numbers do not order checkpoints of different runs or directories). Skips checkpoints this
+        iteration numbers do not order checkpoints of different runs or directories). In one tenant directory,
+        the one its pointer names (its file times change when the directory is copied). Skips checkpoints this
         run's own lineage wrote at a later iteration (left by an attempt that crashed after the run checkpoint
         it resumed from)."""
         roots = [d for d in dict.fromkeys((self.run.load, self.run.save)) if d]
@@ -615,12 +616,20 @@ class MultiLoRATrainer:
             newest, key = None, None
             for save_dir in roots:
                 root = ckpt.tenant_root(save_dir, name)
+                try:
+                    latest = ckpt.read_tracker(root)
+                except ckpt.CheckpointError:  # a damaged pointer: the checkpoints' own times decide
+                    latest = None
+                candidates = []
                 for it in ckpt.complete_iterations(root):
                     meta = ckpt.read_manifest(root / ckpt.iter_name(it)).get("meta", {})
                     if it > self.iteration and meta.get("run_id") == self.run_id:
                         continue
-                    # (a checkpoint without saved_at, e.g. written by import-peft: its manifest's time)
+                    # (a checkpoint without saved_at, e.g. written by an older import-peft: its manifest's time)
                     saved_at = meta.get("saved_at") or (root / ckpt.iter_name(it) / ckpt.MANIFEST).stat().st_mtime
+                    candidates.append((it == latest, saved_at, it))
+                if candidates:
+                    _, saved_at, it = max(candidates)
                     if key is None or (saved_at, it) > key:
                         newest, key = str(root / ckpt.iter_name(it)), (saved_at, it)
             return newest

@@ -76,6 +76,31 @@ def _lineage_world(d: str) -> dict:
     out["newer_run_steps"] = run.tenants["x"].steps
     run.close()
 
+    # An imported tenant (an older import-peft: no saved_at in its manifest) trained 2 steps, its directory then
+    # copied as `cp -r` does (new file times) into a directory of tenant checkpoints only: a job loading it
+    # resumes the trained checkpoint, which the tenant's pointer names -- not the import, whose file is newer.
+    import shutil
+
+    from megatron_multilora.adapter_checkpoint import read_tenant_checkpoint, write_tenant_checkpoint
+
+    imported = d / "imported"
+    spec, tensors = read_tenant_checkpoint(e_dir / "tenants" / "x")
+    write_tenant_checkpoint(imported, "y", spec, tensors)
+    manifest = imported / "tenants" / "y" / "iter_0000000" / "manifest.json"
+    old_format = json.loads(manifest.read_text())
+    old_format["meta"].pop("saved_at")
+    manifest.write_text(json.dumps(old_format))
+    y = {**x, "name": "y"}
+    run = _trainer(tr.run_config([y], eval_interval=None, save=str(imported), load=str(imported)))
+    for _ in range(2):
+        run.train_iteration()
+    run.save_checkpoint()
+    run.close()
+    shutil.copytree(imported / "tenants", d / "copied" / "tenants", copy_function=shutil.copy)
+    run = _trainer(tr.run_config([y], eval_interval=None, save=str(d / "after-copy"), load=str(d / "copied")))
+    out["copied_steps"] = run.tenants["y"].steps
+    run.close()
+
     # b finished (train_iters 2, saved as done) and the job died before its end-of-run save: the relaunch
     # resumes b's checkpoint, finds it complete and does not train it again.
     a = tr.tenant(d, "a", rank=4, seed=2, valid=False)
@@ -292,6 +317,7 @@ def test_a_tenant_rejoins_from_its_most_recent_checkpoint(lineage):
     assert lineage["rejoined_steps"] == 5  # 2 in A, then 3 more in this run (A's checkpoint had 2)
     assert lineage["rejoined_from"] == "B/tenants/x/iter_0000005"
     assert lineage["newer_run_steps"] == 3  # from the newer run's iter_1, not the older run's iter_2 (2 steps)
+    assert lineage["copied_steps"] == 2  # the copied directory's trained checkpoint, not its (newer-file) import
 
 
 def test_a_tenant_whose_checkpoint_is_complete_is_not_trained_again(lineage):
