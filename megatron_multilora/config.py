@@ -1025,20 +1025,26 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
     """--save may hold a run's checkpoints only when this run resumes them (--load the same directory): a fresh
     run would write its own iterations over them and move their pointer back. --load names a checkpoint, unless it
     is --save itself (resume if there is one: the usual `--save DIR --load DIR`)."""
-    from .tenant_checkpoint import RUN_DIR, TENANTS_DIR, TRACKER
+    from .tenant_checkpoint import RUN_DIR, TENANTS_DIR, TRACKER, complete_iterations, iter_name, run_root
+
+    def run_checkpoint(d: Path) -> str | None:  # what says d holds a run checkpoint (a pointer-less one counts)
+        if (d / TRACKER).is_file():
+            return f"{d / TRACKER}: {(d / TRACKER).read_text().strip()[:20]}"
+        done = complete_iterations(run_root(d))
+        return f"{run_root(d) / iter_name(done[-1])}" if done else None
 
     save = Path(run.save) if run.save is not None else None
     load = Path(run.load) if run.load is not None else None
     same = save is not None and load is not None and save.resolve() == load.resolve()
     problems = []
-    if save is not None and not same and (save / TRACKER).is_file():
-        problems.append(f"save: {save} already holds a run checkpoint ({save / TRACKER}: "
-                        f"{(save / TRACKER).read_text().strip()[:20]}): resume it with --load {save}, or give "
-                        "another --save directory")
+    held = run_checkpoint(save) if save is not None and not same else None
+    if held is not None:
+        problems.append(f"save: {save} already holds a run checkpoint ({held}): resume it with --load {save}, or "
+                        "give another --save directory")
     if load is not None and not same:
         if not load.is_dir():
             problems.append(f"load: directory not found: {load}")
-        elif not (load / TRACKER).is_file() and not (load / TENANTS_DIR).is_dir():
+        elif run_checkpoint(load) is None and not (load / TENANTS_DIR).is_dir():
             hint = (f": it is a PEFT adapter -- convert it first with tools/convert_checkpoint.py import-peft "
                     f"--peft-dir {load} --save SAVE ..., then --load SAVE"
                     if (load / "adapter_config.json").is_file() else "")
@@ -1048,7 +1054,7 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
                             f"the run's directory ({load.resolve().parent.parent}); a new job starts the tenant from "
                             f"them when they are under {TENANTS_DIR}/{load.resolve().name}/ of its --save or --load")
             return problems
-    if load is not None and (load / TRACKER).is_file():
+    if load is not None and load.is_dir() and run_checkpoint(load) is not None:
         problems += _resume_identity_problems(run, load)
     return problems
 
@@ -1130,10 +1136,10 @@ def _resume_identity_problems(run: RunConfig, load: Path) -> list[str]:
     """A resume on another base than its checkpoint's (the tenants would go on training against other weights,
     with no error anywhere): another model, a random base for a saved one, or a random base drawn with another
     seed or model-parallel layout; or with another tokenizer (other token ids for the same data)."""
-    from .tenant_checkpoint import CheckpointError, RUN_DIR, iter_name, read_manifest, read_tracker
+    from .tenant_checkpoint import CheckpointError, iter_name, latest_run_iteration, read_manifest, run_root
 
     try:
-        meta = read_manifest(load / RUN_DIR / iter_name(read_tracker(load))).get("meta", {})
+        meta = read_manifest(run_root(load) / iter_name(latest_run_iteration(load))).get("meta", {})
     except CheckpointError:
         return []  # (the trainer names a damaged checkpoint)
     problems = []

@@ -58,6 +58,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 TENANTS_DIR = "tenants"
 RUN_DIR = "run"
+RUN_ID_FILE = "run_id.txt"
 TMP_PREFIX = ".tmp."
 OLD_PREFIX = ".old."
 _ITER_RE = re.compile(r"iter_(\d{7,})")
@@ -111,6 +112,23 @@ def tenant_root(save: str | Path, name: str) -> Path:
 
 def run_root(save: str | Path) -> Path:
     return Path(save).resolve() / RUN_DIR
+
+
+def latest_run_iteration(save: str | Path) -> int | None:
+    """The run checkpoint of <save> to resume: the one its pointer names, else (a run stopped between
+    promoting its checkpoint and writing the pointer) its newest complete one; None if it holds none."""
+    it = read_tracker(Path(save))
+    if it is None:
+        done = complete_iterations(run_root(save))
+        it = done[-1] if done else None
+    return it
+
+
+def saved_run_id(save: str | Path) -> str | None:
+    """The run_id of the run that began saving into <save> (written before its first checkpoint's tenants, so a
+    run stopped during that save is restarted as the same run: what that save left is its own, not resumed)."""
+    path = run_root(save) / RUN_ID_FILE
+    return path.read_text().strip() or None if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -659,6 +659,7 @@ class MultiLoRATrainer:
         if not save:
             raise ValueError("save_checkpoint needs a save directory (--save)")
         ckpt.on_rank0(self._check_own_pointer)
+        ckpt.on_rank0(self._record_run_id)
         by_slot = sorted(self.tenants, key=lambda n: self.tenants[n].slot)
         for i, name in enumerate(by_slot):
             self.save_tenant(name, kill_phase=f"t{i}")
@@ -681,9 +682,15 @@ class MultiLoRATrainer:
         run's pointer or writes among its iterations (validation refuses that up front; this guards programs
         that build a trainer themselves)."""
         save = Path(self.run.save).resolve()
-        it = ckpt.read_tracker(save)
+        it = ckpt.latest_run_iteration(save)
         if it is not None:
             ckpt.check_same_run(ckpt.run_root(save) / ckpt.iter_name(it), self.run_id)
+
+    def _record_run_id(self) -> None:
+        """<save>/run/run_id.txt names this run before its first tenant checkpoint is written (ckpt.saved_run_id)."""
+        if ckpt.saved_run_id(self.run.save) != self.run_id:
+            ckpt.run_root(self.run.save).mkdir(parents=True, exist_ok=True)
+            ckpt.write_text_atomic(ckpt.run_root(self.run.save) / ckpt.RUN_ID_FILE, self.run_id + "\n")
 
     def _prune(self, root, tenant: bool = False) -> None:
         """Old checkpoints of ``root`` beyond keep_last_checkpoints; a tenant root keeps every iteration a kept
@@ -697,13 +704,21 @@ class MultiLoRATrainer:
         ckpt.on_rank0(prune)
 
     def load_checkpoint(self, directory) -> bool:
-        """Collective: restore the whole run from <directory> (its latest_checkpointed_iteration.txt): iteration,
+        """Collective: restore the whole run from <directory> (the iteration its latest_checkpointed_iteration.txt
+        names, or its newest complete one if the pointer was not written: ckpt.latest_run_iteration): iteration,
         every tenant into its slot (weights, optimizer, data position), the queue, finished tenants, and the
         RNG states (when the layout is the same). False if the directory holds no run checkpoint yet."""
         base = Path(directory).resolve()
-        it = ckpt.on_rank0(ckpt.read_tracker, base)
+        it = ckpt.on_rank0(ckpt.latest_run_iteration, base)
         if it is None:
-            self.metrics.note(f"no checkpoint in {directory}: starting from iteration 0")
+            began = ckpt.on_rank0(ckpt.saved_run_id, base)
+            if began is not None:  # stopped during its first save: restarted as itself, so what it left is skipped
+                self.run_id = began
+                self.metrics.note(f"no complete checkpoint in {directory}: run {began} was stopped during its first "
+                                  "save; starting it again from iteration 0 (tenant checkpoints that save left are "
+                                  "not resumed)")
+            else:
+                self.metrics.note(f"no checkpoint in {directory}: starting from iteration 0")
             return False
         run_dir = ckpt.run_root(base) / ckpt.iter_name(it)
         common = ckpt.load_common(run_dir)
@@ -711,7 +726,8 @@ class MultiLoRATrainer:
         tenant_dirs = {name: ckpt.tenant_root(base, name) / ckpt.iter_name(info["iteration"])
                        for name, info in state["tenants"].items()}
         ckpt.on_rank0(lambda: [ckpt.verify_checkpoint(p) for p in tenant_dirs.values()])  # before changing anything
-        self._check_pool_holds(run_dir, state["tenants"], tenant_dirs)
+        queue = [tenant_from_dict(d, "checkpoint queue") for d in state["queue"]]
+        self._check_pool_holds(run_dir, state["tenants"], tenant_dirs, queue)
         self.queue = []  # (releasing must not admit queued tenants)
         for name in list(self.tenants):
             self.release_tenant(name, finished=False)
@@ -722,7 +738,7 @@ class MultiLoRATrainer:
         for name, info in sorted(state["tenants"].items(), key=lambda kv: kv[1]["slot"]):
             self._acquire(None, info["slot"], tenant_dirs[name], saved_spec=True, verified=True,
                           data_paths=data_paths)
-        self.queue = [tenant_from_dict(d, "checkpoint queue") for d in state["queue"]]
+        self.queue = [self._moved_data(q, data_paths) for q in queue]
         self.source.load_state_dict({
             "iteration": state["data"]["iteration"], "last_step": state["data"]["last_step"],
             "tenants": {n: self.source.tenant_state(n) for n in state["data"]["last_step"]},
@@ -752,9 +768,9 @@ class MultiLoRATrainer:
                           f"{sorted(self.tenants)}, queue {[q.name for q in self.queue]}")
         return True
 
-    def _check_pool_holds(self, run_dir, tenants: dict, tenant_dirs: dict) -> None:
-        """The checkpoint's running tenants fit this run's LoRA pool (slots, max_rank, target_modules): named
-        before anything changes."""
+    def _check_pool_holds(self, run_dir, tenants: dict, tenant_dirs: dict, queue: list[TenantConfig]) -> None:
+        """The checkpoint's running and queued tenants fit this run's LoRA pool (slots, max_rank,
+        target_modules): named before anything changes (a queued one would be dropped when it leaves the queue)."""
         pool, problems = self.run.lora, []
         top = max((info["slot"] for info in tenants.values()), default=-1)
         if top >= pool.max_slots:
@@ -767,6 +783,12 @@ class MultiLoRATrainer:
             missing = sorted(set(meta["targets"]) - set(pool.target_modules))
             if missing:
                 problems.append(f"tenant {name!r} adapts {missing}, not in lora.target_modules")
+        for q in queue:
+            if q.rank > pool.max_rank:
+                problems.append(f"queued tenant {q.name!r} has rank {q.rank} > lora.max_rank {pool.max_rank}")
+            missing = sorted(set(q.target_modules or ()) - set(pool.target_modules))
+            if missing:
+                problems.append(f"queued tenant {q.name!r} adapts {missing}, not in lora.target_modules")
         if problems:
             raise ckpt.CheckpointError(f"cannot resume {run_dir}: " + "; ".join(problems))
 

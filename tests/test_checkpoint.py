@@ -43,8 +43,9 @@ def _kill_and_resume(d: Path, config: Path, tag: str, kill_at: str):
     save, m1, m2 = d / f"{tag}_ckpt", d / f"{tag}_1.jsonl", d / f"{tag}_2.jsonl"
     code, out = tr.run_cli(config, "--save", str(save), "--metrics-file", str(m1), kill_at=kill_at)
     assert code == -9, f"expected SIGKILL, got {code}:\n{out[-3000:]}"
+    pointer = save / "latest_checkpointed_iteration.txt"
     on_disk = {
-        "run": (save / "latest_checkpointed_iteration.txt").read_text().strip(),
+        "run": pointer.read_text().strip() if pointer.is_file() else None,
         "tenants": {t.name: sorted(os.listdir(t)) for t in sorted((save / "tenants").iterdir())},
     }
     code, out = tr.run_cli(config, "--save", str(save), "--load", str(save), "--metrics-file", str(m2))
@@ -90,6 +91,24 @@ def test_sigkill_during_save_leaves_no_partial_checkpoint_and_resumes_exactly(re
     assert "tenant c: resumed" not in out
     assert sorted(os.listdir(save / "run")) == ["iter_0000006", "iter_0000008"]  # no .tmp leftover
     assert (save / "tenants" / "c" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+
+
+@pytest.mark.parametrize("kill_at", ["save:2:t1", "save:2:pointer"])
+def test_sigkill_during_the_first_save_resumes_exactly(resume_setup, kill_at):
+    """Killed inside the run's first save -- after tenant a's checkpoint (t1: no run checkpoint at all), or after
+    the run checkpoint but before its pointer: the relaunch resumes the complete run checkpoint if there is one,
+    else starts the same run again from iteration 0 without a's leftover checkpoint (it used to start a new run
+    whose tenant a resumed 2 steps ahead, and to write over the unpointed run/iter_0000002)."""
+    d, config, baseline = resume_setup
+    on_disk, killed, resumed, out, save = _kill_and_resume(d, config, kill_at.replace(":", "_"), kill_at)
+    assert on_disk["run"] is None and "iter_0000002" in on_disk["tenants"]["a"]
+    _assert_same(baseline, killed, 0, upto=2)
+    if kill_at.endswith("t1"):
+        assert "was stopped during its first save; starting it again from iteration 0" in out
+        _assert_same(baseline, resumed, 0)
+    else:
+        assert "resumed from" in out and "run/iter_0000002 at iteration 2" in out
+        _assert_same(baseline, resumed, 2)
 
 
 def test_partial_tenant_save_is_never_promoted(resume_setup):

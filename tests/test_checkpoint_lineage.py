@@ -240,6 +240,29 @@ def _lineage_world(d: str) -> dict:
     run.train_iteration()
     out["moved_steps"], out["moved_data"] = run.tenants["m"].steps, run.tenants["m"].config.train_data
     run.close()
+    # ... and so does a tenant that was queued at the checkpoint, when it leaves the queue (it was dropped)
+    queue_dir, data_dir = d / "moved-queue", d / "data-q-old"
+    first, waiting = tr.tenant(data_dir, "m", rank=4, seed=8, train_iters=2), tr.tenant(data_dir, "w", rank=4, seed=9)
+    cfg = tr.run_config([first, waiting], eval_interval=None, save=str(queue_dir),
+                        lora={"max_slots": 1, "max_rank": 8, "queue": True})
+    run = _trainer(cfg)
+    run.train_iteration()
+    run.save_checkpoint()
+    run.close()
+    data_dir.rename(d / "data-q-new")
+    moved = [{**t, **{k: t[k].replace("data-q-old", "data-q-new") for k in ("train_data", "valid_data")}}
+             for t in (first, waiting)]
+    try:  # a pool that no longer holds the queued tenant either: named (it was dropped leaving the queue)
+        _trainer({**cfg, "tenants": [], "load": str(queue_dir), "lora": {**cfg["lora"], "max_rank": 2}},
+                 validated=False).close()
+        out["queued_small_pool"] = None
+    except ckpt.CheckpointError as e:
+        out["queued_small_pool"] = str(e)
+    run = _trainer({**cfg, "tenants": moved, "load": str(queue_dir)})
+    for _ in range(2):
+        run.train_iteration()
+    out["moved_queued"] = {n: t.config.train_data for n, t in run.tenants.items()}
+    run.close()
 
     # A tenant trained in bf16 (fp32 masters in its checkpoint) resumes in an fp32 run: its weights are the
     # masters, bitwise, and it trains on.
@@ -345,6 +368,7 @@ def test_a_pool_too_small_for_the_checkpoint_is_named(lineage):
     msg = lineage["small_pool"]
     assert msg is not None and "lora.max_slots is 1" in msg and "'a' has rank 8 > lora.max_rank 4" in msg
     assert lineage["small_pool_untouched"]
+    assert "queued tenant 'w' has rank 4 > lora.max_rank 2" in lineage["queued_small_pool"]
 
 
 def test_a_longer_train_iters_on_resume_names_the_schedules_it_moves(lineage):
@@ -369,6 +393,7 @@ def test_releasing_a_tenant_without_a_slot_is_named(lineage):
 
 def test_a_resume_reads_tenant_data_where_the_config_now_lists_it(lineage):
     assert lineage["moved_steps"] == 2 and "/data-new/" in lineage["moved_data"]
+    assert list(lineage["moved_queued"]) == ["w"] and "/data-q-new/" in lineage["moved_queued"]["w"]
 
 
 def test_a_tenant_trained_in_bf16_resumes_in_fp32_and_exports_from_its_masters(lineage):
