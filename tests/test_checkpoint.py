@@ -70,7 +70,7 @@ def test_sigkill_during_training_resumes_exactly(resume_setup):
     _assert_same(baseline, resumed, 4)  # everything after the checkpoint, incl. b's finish and c's start
     assert "resumed from" in out and "'c'" in out  # c came back from the queue of the checkpoint
     # keep_last_checkpoints=2: only the last two run checkpoints and tenant checkpoints remain
-    assert sorted(os.listdir(save / "run")) == ["iter_0000006", "iter_0000008"]
+    assert sorted(os.listdir(save / "run")) == ["iter_0000006", "iter_0000008", "run_id.txt"]
     assert sorted(os.listdir(save / "tenants" / "a")) == ["iter_0000006", "iter_0000008",
                                                           "latest_checkpointed_iteration.txt"]
 
@@ -89,7 +89,7 @@ def test_sigkill_during_save_leaves_no_partial_checkpoint_and_resumes_exactly(re
     _assert_same(baseline, killed, 0, upto=6)
     _assert_same(baseline, resumed, 4)
     assert "tenant c: resumed" not in out
-    assert sorted(os.listdir(save / "run")) == ["iter_0000006", "iter_0000008"]  # no .tmp leftover
+    assert sorted(os.listdir(save / "run")) == ["iter_0000006", "iter_0000008", "run_id.txt"]  # no .tmp leftover
     assert (save / "tenants" / "c" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
 
 
