@@ -76,6 +76,22 @@ def _lineage_world(d: str) -> dict:
     out["newer_run_steps"] = run.tenants["x"].steps
     run.close()
 
+    # A tenant stopped right after a periodic save (the same iteration, the same state) keeps the checkpoint that
+    # save wrote, which the run's pointer names: rewriting it swapped that directory out and in (promote), a
+    # window where a crash leaves the run checkpoint without its tenant.
+    run = _trainer(tr.run_config([x], eval_interval=None, save=str(d / "stop-after-save")))
+    run.train_iteration()
+    run.save_checkpoint()
+    saved = d / "stop-after-save" / "tenants" / "x" / "iter_0000001"
+    before = (saved.stat().st_ino, _tree(saved))
+    run.stop_tenant("x")
+    out["stop_after_save_kept"] = (saved.stat().st_ino, _tree(saved)) == before
+    run.add_tenant(run.run.tenants[0])  # it joins again from that checkpoint, and a later stop writes anew
+    run.train_iteration()
+    run.stop_tenant("x")
+    out["stop_later_saved"] = sorted(p.name for p in saved.parent.glob("iter_*"))
+    run.close()
+
     # An imported tenant (an older import-peft: no saved_at in its manifest) trained 2 steps, its directory then
     # copied as `cp -r` does (new file times) into a directory of tenant checkpoints only: a job loading it
     # resumes the trained checkpoint, which the tenant's pointer names -- not the import, whose file is newer.
@@ -341,6 +357,8 @@ def test_a_tenant_rejoins_from_its_most_recent_checkpoint(lineage):
     assert lineage["rejoined_from"] == "B/tenants/x/iter_0000005"
     assert lineage["newer_run_steps"] == 3  # from the newer run's iter_1, not the older run's iter_2 (2 steps)
     assert lineage["copied_steps"] == 2  # the copied directory's trained checkpoint, not its (newer-file) import
+    assert lineage["stop_after_save_kept"]
+    assert lineage["stop_later_saved"] == ["iter_0000001", "iter_0000002"]
 
 
 def test_a_tenant_whose_checkpoint_is_complete_is_not_trained_again(lineage):
