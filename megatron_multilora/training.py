@@ -756,7 +756,11 @@ class MultiLoRATrainer:
                 self.add_tenant(tc)
             elif tc.name in self.tenants:  # resumed exactly, with its checkpoint's spec: say what is not applied
                 self._note_unapplied(tc, self.tenants[tc.name].config)
-            else:  # queued (with the config it had when it was queued), or finished
+            elif tc.name in self.finished:  # (its settings: its last checkpoint's)
+                saved = ckpt.on_rank0(self._saved_tenant_config, base, tc.name)
+                if saved is not None:
+                    self._note_unapplied(tc, saved, "finished before the checkpoint and is not trained again")
+            else:  # queued (with the config it had when it was queued)
                 queued = next((q for q in self.queue if q.name == tc.name), None)
                 if queued is not None:
                     self._note_unapplied(tc, queued)
@@ -824,14 +828,28 @@ class MultiLoRATrainer:
             self.metrics.note(f"train_iters {saved_train_iters} -> {self.run.train_iters}: the learning-rate decay of "
                               f"{moved} follows the new length from here (set lr_decay_iters to keep a schedule)")
 
-    def _note_unapplied(self, tc: TenantConfig, saved: TenantConfig) -> None:
+    def _note_unapplied(self, tc: TenantConfig, saved: TenantConfig,
+                        state: str = "resumed with its checkpoint's settings") -> None:
         """A run resumes each tenant exactly, with the spec its checkpoint holds (a queued one: the config it was
-        queued with; as a running tenant keeps its own when its control file changes): the log names the
-        config's edits, which are not applied."""
+        queued with; as a running tenant keeps its own when its control file changes; a finished one is not
+        trained again): the log names the config's edits, which are not applied."""
         changes = field_changes(saved.to_dict(), tc.to_dict())
         if changes:
-            self.metrics.note(f"tenant {tc.name!r}: resumed with its checkpoint's settings; the config's changes "
-                              f"are not applied: {', '.join(changes)} (a new tenant name trains with new settings)")
+            self.metrics.note(f"tenant {tc.name!r}: {state}; the config's changes are not applied: "
+                              f"{', '.join(changes)} (a new tenant name trains with new settings)")
+
+    @staticmethod
+    def _saved_tenant_config(save, name: str) -> TenantConfig | None:
+        """The settings in the checkpoint tenant ``name``'s pointer names under ``save`` (None if unreadable)."""
+        import yaml
+
+        root = ckpt.tenant_root(save, name)
+        try:
+            it = ckpt.read_tracker(root)
+            text = (root / ckpt.iter_name(it) / "tenant.yaml").read_text() if it is not None else None
+            return None if text is None else tenant_from_dict(yaml.safe_load(text), f"checkpoint of {name!r}")
+        except (ckpt.CheckpointError, ConfigError, OSError, yaml.YAMLError):
+            return None
 
     def close(self) -> None:
         self.metrics.close()

@@ -433,3 +433,8 @@ def test_resume_names_config_edits_it_does_not_apply(resume_setup, tmp_path):
     cfg["tenants"][a]["rank"] = 8
     notes, error = run_world(_resume_notes, 1, cfg)[0]
     assert error is None and any("tenant 'a'" in n and "rank 4 -> 8" in n for n in notes), notes
+    # b finished (its train_iters 5) before the checkpoint: a longer train_iters is named, not silently ignored
+    cfg["tenants"][next(i for i, t in enumerate(cfg["tenants"]) if t["name"] == "b")]["train_iters"] = 10
+    notes, error = run_world(_resume_notes, 1, cfg)[0]
+    assert error is None and any("tenant 'b': finished before the checkpoint and is not trained again; the "
+                                 "config's changes are not applied: train_iters 5 -> 10" in n for n in notes), notes

@@ -445,8 +445,8 @@ def test_source_errors(datasets):
         source.add_tenant("a", datasets["a"], 1)
     with pytest.raises(ValueError, match="can never fit"):
         MultiAdapterDataSource({"a": (datasets["a"], 5)}, max_samples_per_iteration=4)
-    with pytest.raises(ValueError, match="data changed"):
-        source.add_tenant("c", datasets["c"], 1, state=source.tenant_state("a"))
+    with pytest.raises(DataError, match=r"now gives \d+; the data changed .*: restore the data, or train the new data"):
+        source.add_tenant("c", datasets["c"], 1, state=source.tenant_state("a"))  # (a DataError: one line, exit 2)
     with pytest.raises(ValueError, match="not added to the data source"):
         MultiAdapterDataSource({"a": (datasets["a"], 2)}).load_state_dict(source.state_dict())
 

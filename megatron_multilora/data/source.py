@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .datasets import DataError
+
 PAD_SLOT = -1  # slot id of padding samples: no adapter, no loss
 
 
@@ -82,10 +84,11 @@ class _Stream:
 
     def load(self, state: dict) -> None:
         if state["num_samples"] != len(self.dataset):
-            raise ValueError(
-                f"tenant {self.name!r}: saved data state is for {state['num_samples']} samples but the "
-                f"dataset now has {len(self.dataset)}; the data changed (or seq_length / packing), so the "
-                "saved position is meaningless"
+            where = getattr(self.dataset, "path", "its dataset")
+            raise DataError(
+                f"tenant {self.name!r}: its checkpoint's data position is for {state['num_samples']} samples but "
+                f"{where} now gives {len(self.dataset)}; the data changed (or seq_length / packing), so the saved "
+                "position is meaningless: restore the data, or train the new data as a new tenant"
             )
         self.seed, self.epoch = state["seed"], state["epoch"]
         self.position, self.steps = state["position"], state["steps"]
