@@ -217,6 +217,7 @@ class MultiLoRATrainer:
             _check_same_adapter(tc, common, checkpoint)
         if common is not None:
             _check_same_tokenizer(tc.name, common, self._tokenizer_identity, checkpoint)
+            self._note_other_base(tc.name, common.get("base"), checkpoint)
         spec = LoRASpec(
             rank=tc.rank, alpha=tc.alpha, dropout=tc.dropout, rslora=tc.rslora, init=tc.init,
             target_modules=None if tc.target_modules is None else tuple(tc.target_modules),
@@ -241,6 +242,18 @@ class MultiLoRATrainer:
         if common is not None:
             self.metrics.note(f"tenant {tc.name}: resumed from {checkpoint} ({steps} steps) into slot {slot}")
         return slot
+
+    def _note_other_base(self, name: str, saved: dict | None, checkpoint) -> None:
+        """A tenant checkpoint trained on another base than this run's goes on against other weights (a run's own
+        resume on another base is refused at validation; a tenant joining may mean it, e.g. a base's new release):
+        said, with what differs. Checkpoints that do not record it (import-peft's, older ones) are taken as they are."""
+        mine = base_identity(self.run)
+        if saved is None or saved == mine:
+            return
+        changes = field_changes(saved.get("model", {}), mine["model"]) + field_changes(
+            {k: v for k, v in saved.items() if k != "model"}, {k: v for k, v in mine.items() if k != "model"})
+        self.metrics.note(f"tenant {name}: its checkpoint {checkpoint} was trained on another base than this run's "
+                          f"({', '.join(changes) or 'recorded differently'}): it goes on against these weights")
 
     def _note_short_schedule(self, tenant: Tenant) -> None:
         """A decaying learning rate that would stop short of min_lr, said with the fix: a tenant decaying over the
@@ -565,6 +578,7 @@ class MultiLoRATrainer:
             "rslora": t.config.rslora, "targets": sorted(record.targets), "steps": t.steps,
             "optimizer_step": self.optimizer.slot_step_count(t.slot), "data": self.source.tenant_state(name),
             "done": done, "has_master": has_master, "tokenizer": self._tokenizer_identity,
+            "base": base_identity(self.run),
         }
 
     def save_tenant(self, name: str, *, done: bool = False, kill_phase: str | None = None):

@@ -9,6 +9,7 @@ said); a pool too small for the checkpoint and garbled checkpoint files are name
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,11 +93,19 @@ def _lineage_world(d: str) -> dict:
     out["stop_later_saved"] = sorted(p.name for p in saved.parent.glob("iter_*"))
     run.close()
 
+    # A tenant checkpoint (copied to a directory of tenant checkpoints only) joining a job on another random base
+    # (another seed draws other weights): it goes on, said with what differs; on its own base nothing is said.
+    shutil.copytree(e_dir / "tenants", d / "other-base" / "tenants")
+    for seed in (7, 99):
+        notes.clear()
+        run = _trainer(tr.run_config([x], eval_interval=None, load=str(d / "other-base"), seed=seed))
+        out[f"base_notes_seed{seed}"] = [n for n in notes if "another base" in n]
+        out[f"base_steps_seed{seed}"] = run.tenants["x"].steps
+        run.close()
+
     # An imported tenant (an older import-peft: no saved_at in its manifest) trained 2 steps, its directory then
     # copied as `cp -r` does (new file times) into a directory of tenant checkpoints only: a job loading it
     # resumes the trained checkpoint, which the tenant's pointer names -- not the import, whose file is newer.
-    import shutil
-
     from megatron_multilora.adapter_checkpoint import read_tenant_checkpoint, write_tenant_checkpoint
 
     imported = d / "imported"
@@ -319,8 +328,6 @@ def _lineage_world(d: str) -> dict:
 
     # Its tenant checkpoint (copied to a directory of tenant checkpoints only, which a run does not validate as a
     # run checkpoint) under another tokenizer: refused, its data would get other token ids.
-    import shutil
-
     from tokenizers import Tokenizer, models
 
     other = d / "other-tokenizer.json"
@@ -359,6 +366,12 @@ def test_a_tenant_rejoins_from_its_most_recent_checkpoint(lineage):
     assert lineage["copied_steps"] == 2  # the copied directory's trained checkpoint, not its (newer-file) import
     assert lineage["stop_after_save_kept"]
     assert lineage["stop_later_saved"] == ["iter_0000001", "iter_0000002"]
+
+
+def test_a_tenant_checkpoint_on_another_base_is_named(lineage):
+    assert lineage["base_notes_seed7"] == [] and lineage["base_steps_seed7"] == 3
+    assert lineage["base_steps_seed99"] == 3 and len(lineage["base_notes_seed99"]) == 1
+    assert "was trained on another base than this run's (seed 7 -> 99)" in lineage["base_notes_seed99"][0]
 
 
 def test_a_tenant_whose_checkpoint_is_complete_is_not_trained_again(lineage):
