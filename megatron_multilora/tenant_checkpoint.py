@@ -60,7 +60,8 @@ TENANTS_DIR = "tenants"
 RUN_DIR = "run"
 RUN_ID_FILE = "run_id.txt"
 TMP_PREFIX = ".tmp."
-OLD_PREFIX = ".old."
+OLD_PREFIX = ".old."  # a checkpoint promote() is replacing (put back if the process died before its successor)
+DELETING_PREFIX = ".deleting."  # a checkpoint being pruned: never counted, never put back
 _ITER_RE = re.compile(r"iter_(\d{7,})")
 
 
@@ -271,10 +272,11 @@ def prune(root: Path, keep: int | None, protect=()) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
+    recover(root)
     removed = []
-    for p in root.iterdir():
-        if p.name.startswith((TMP_PREFIX, OLD_PREFIX)) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and p.name.startswith((TMP_PREFIX, OLD_PREFIX, DELETING_PREFIX)):
+            _remove(p)
             removed.append(p)
     if keep is None:
         return removed
@@ -288,9 +290,38 @@ def prune(root: Path, keep: int | None, protect=()) -> list[Path]:
         protected.add(tracked)
     for it in iterations[: max(len(iterations) - keep, 0)]:
         if it not in protected:
-            shutil.rmtree(root / iter_name(it), ignore_errors=True)
+            _remove(root / iter_name(it))
             removed.append(root / iter_name(it))
     return removed
+
+
+def recover(root: Path) -> None:
+    """Put back a complete checkpoint that promote() had moved aside when its process died before the new one
+    took its place (``.old.iter_XXXXXXX.<pid>`` and no ``iter_XXXXXXX``). Rank 0; a read-only root is left as
+    it is (the missing checkpoint is named where it is needed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        final = root / p.name[len(OLD_PREFIX):].rsplit(".", 1)[0]
+        if (p.name.startswith(OLD_PREFIX) and parse_iter_name(final.name) is not None and not final.exists()
+                and (p / MANIFEST).is_file()):
+            try:
+                os.rename(p, final)
+            except OSError:
+                pass
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory out of sight first: one half deleted (a crash, a file that would not go) is
+    never taken for a complete one."""
+    if not path.name.startswith(DELETING_PREFIX):
+        gone = path.with_name(f"{DELETING_PREFIX}{path.name}")
+        if gone.exists():
+            shutil.rmtree(gone, ignore_errors=True)
+        os.rename(path, gone)
+        path = gone
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- ranks

@@ -636,6 +636,7 @@ class MultiLoRATrainer:
             newest, key = None, None
             for save_dir in roots:
                 root = ckpt.tenant_root(save_dir, name)
+                ckpt.recover(root)
                 try:
                     latest = ckpt.read_tracker(root)
                 except ckpt.CheckpointError:  # a damaged pointer: the checkpoints' own times decide
@@ -745,7 +746,8 @@ class MultiLoRATrainer:
         state = common["run"]
         tenant_dirs = {name: ckpt.tenant_root(base, name) / ckpt.iter_name(info["iteration"])
                        for name, info in state["tenants"].items()}
-        ckpt.on_rank0(lambda: [ckpt.verify_checkpoint(p) for p in tenant_dirs.values()])  # before changing anything
+        ckpt.on_rank0(lambda: [(ckpt.recover(p.parent), ckpt.verify_checkpoint(p)) for p in tenant_dirs.values()])
+        # (verified before anything changes)
         queue = [tenant_from_dict(d, "checkpoint queue") for d in state["queue"]]
         self._check_pool_holds(run_dir, state["tenants"], tenant_dirs, queue)
         self.queue = []  # (releasing must not admit queued tenants)
@@ -778,6 +780,10 @@ class MultiLoRATrainer:
                 queued = next((q for q in self.queue if q.name == tc.name), None)
                 if queued is not None:
                     self._note_unapplied(tc, queued)
+        for name in sorted((set(self.tenants) | {q.name for q in self.queue}) - set(data_paths)):
+            self.metrics.note(f"tenant {name}: resumed from the checkpoint though neither the config nor a control "
+                              f"file lists it now (a resume restores every tenant; {name}.stop in a --tenants-dir "
+                              "stops one)")
         self._note_schedule_change(state.get("train_iters"))
         self._note_base_or_tokenizer_change(run_dir)
         if state["layout"] == self._layout():

@@ -438,3 +438,8 @@ def test_resume_names_config_edits_it_does_not_apply(resume_setup, tmp_path):
     notes, error = run_world(_resume_notes, 1, cfg)[0]
     assert error is None and any("tenant 'b': finished before the checkpoint and is not trained again; the "
                                  "config's changes are not applied: train_iters 5 -> 10" in n for n in notes), notes
+    # a running tenant the config no longer lists is still resumed (the run restores every tenant): said
+    cfg["tenants"] = [t for t in cfg["tenants"] if t["name"] != "a"]
+    notes, error = run_world(_resume_notes, 1, cfg)[0]
+    assert error is None and any(n.startswith("tenant a: resumed from the checkpoint though neither the config nor "
+                                              "a control file lists it now") for n in notes), notes

@@ -500,3 +500,29 @@ def test_garbled_trackers_and_manifests_are_named(tmp_path):
     (tmp_path / ckpt.MANIFEST).write_bytes(b"\xff{")
     with pytest.raises(ckpt.CheckpointError, match="is corrupt"):
         ckpt.read_manifest(tmp_path)
+
+
+def test_pruning_and_a_promote_cut_short_lose_no_complete_checkpoint(tmp_path):
+    """A process that died inside promote() (the old checkpoint moved aside, the new one not yet in place) leaves
+    the only complete copy as .old.iter_X.<pid>: it is put back, not deleted with the other leftovers. A
+    checkpoint being pruned is moved out of sight first, so one half deleted is never counted as complete."""
+    from megatron_multilora import tenant_checkpoint as ckpt
+
+    def checkpoint(name: str) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+        return tmp_path / name
+
+    checkpoint(".old.iter_0000002.4242")
+    (tmp_path / ".tmp.iter_0000002").mkdir()  # the successor that never took its place
+    checkpoint(".deleting.iter_0000001")  # a prune cut short
+    checkpoint(".old.iter_0000003.4242")
+    checkpoint("iter_0000003")  # promote() finished: the old copy is only a leftover
+    assert ckpt.complete_iterations(tmp_path) == [3]
+    ckpt.recover(tmp_path)
+    assert ckpt.complete_iterations(tmp_path) == [2, 3]
+    ckpt.prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000003"]
+    ckpt.write_tracker(tmp_path, 3)
+    checkpoint("iter_0000004")
+    assert ckpt.prune(tmp_path, keep=1) == [] and ckpt.complete_iterations(tmp_path) == [3, 4]  # the tracker's
