@@ -317,10 +317,12 @@ def _remove(path: Path) -> None:
     never taken for a complete one."""
     if not path.name.startswith(DELETING_PREFIX):
         gone = path.with_name(f"{DELETING_PREFIX}{path.name}")
-        if gone.exists():
-            shutil.rmtree(gone, ignore_errors=True)
-        os.rename(path, gone)
-        path = gone
+        shutil.rmtree(gone, ignore_errors=True)
+        try:
+            os.rename(path, gone)
+            path = gone
+        except OSError:  # (pruning never fails a save: deleted in place, as best it can)
+            pass
     shutil.rmtree(path, ignore_errors=True)
 
 

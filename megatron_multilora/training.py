@@ -166,7 +166,7 @@ class MultiLoRATrainer:
         self._param_names = {id(p): n for n, p in lora_parameters(self.model)}
         self.run_id = ckpt.broadcast_object(uuid.uuid4().hex)  # names this run's lineage in its checkpoints
         self._saved_iteration: int | None = None  # newest run checkpoint written or loaded
-        self._tenant_saves: dict[str, tuple[int, bool]] = {}  # name -> (iteration, done) this process last wrote
+        self._tenant_saves: dict[str, dict] = {}  # name -> the meta (iteration, steps, spec, ...) it last saved
         self._last_eval_iteration: int | None = None
         self._watcher = TenantsDirWatcher(run.tenants_dir, run) if run.tenants_dir else None
         resumed = bool(run.load) and self.load_checkpoint(run.load)
@@ -587,13 +587,13 @@ class MultiLoRATrainer:
         import yaml
 
         root = ckpt.tenant_root(self.run.save, name)
-        if self._tenant_saves.get(name) == (self.iteration, done):
-            # written by this process at this iteration (the periodic save, then a stop): the same state, and
+        meta = self._tenant_meta(name, done)
+        if self._tenant_saves.get(name) == meta:
+            # written by this process with the same state (no step since: the periodic save, then a stop), and
             # rewriting would swap out the checkpoint the run's latest pointer names
             return root / ckpt.iter_name(self.iteration)
         t = self.tenants[name]
         record = self.table.record(name)
-        meta = self._tenant_meta(name, done)
         entries = ckpt.adapter_entries(self.table, record, self._param_names)
         sharded = ckpt.adapter_sharded_state_dict(entries, t.slot, record.spec.rank, self.optimizer,
                                                   with_master=meta["has_master"])
@@ -604,7 +604,7 @@ class MultiLoRATrainer:
                                    "saved_at": time.time()},
                                   extra_files={"tenant.yaml": yaml.safe_dump(meta["spec"], sort_keys=False)},
                                   before_promote=hook)
-        self._tenant_saves[name] = (self.iteration, done)
+        self._tenant_saves[name] = meta
         if kill_phase is None:  # a lone tenant save (finished / stopped): prune now
             self._prune(root, tenant=True)
         return where
