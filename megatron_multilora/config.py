@@ -1049,7 +1049,8 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
                     f"--peft-dir {load} --save SAVE ..., then --load SAVE"
                     if (load / "adapter_config.json").is_file() else "")
             problems.append(f"load: {load} holds no checkpoint (no {TRACKER}, no {TENANTS_DIR}/ directory){hint}")
-        elif load.resolve().parent.name == TENANTS_DIR and not (load / RUN_DIR).is_dir():
+        elif (load.resolve().parent.name == TENANTS_DIR and not (load / RUN_DIR).is_dir()
+              and not (load / TENANTS_DIR).is_dir()):
             problems.append(f"load: {load} is tenant {load.resolve().name!r}'s checkpoints, not a run's: --load takes "
                             f"the run's directory ({load.resolve().parent.parent}); a new job starts the tenant from "
                             f"them when they are under {TENANTS_DIR}/{load.resolve().name}/ of its --save or --load")

@@ -303,13 +303,24 @@ def recover(root: Path) -> None:
     if not root.is_dir():
         return
     for p in sorted(root.iterdir()):
-        final = root / p.name[len(OLD_PREFIX):].rsplit(".", 1)[0]
-        if (p.name.startswith(OLD_PREFIX) and parse_iter_name(final.name) is not None and not final.exists()
-                and (p / MANIFEST).is_file()):
+        name, _, pid = p.name[len(OLD_PREFIX):].rpartition(".")
+        if (p.name.startswith(OLD_PREFIX) and parse_iter_name(name) is not None and not (root / name).exists()
+                and (p / MANIFEST).is_file() and not _alive(pid)):
             try:
-                os.rename(p, final)
+                os.rename(p, root / name)
             except OSError:
                 pass
+
+
+def _alive(pid: str) -> bool:
+    """Is process ``pid`` (of this machine) running -- still inside its promote()?"""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()
 
 
 def _remove(path: Path) -> None:

@@ -225,6 +225,7 @@ class MultiLoRATrainer:
         train = self._dataset(tc.train_data, pack=self.run.pack_sequences)
         valid = self._dataset(tc.valid_data) if tc.valid_data else None
         slot = self.table.acquire(tc.name, spec, slot)
+        self._tenant_saves.pop(tc.name, None)  # (what is in the slot now has not been saved by this process)
         self.optimizer.reset_slot(slot)
         try:
             self.optimizer.configure_slot(slot, tc.hyper_params(self.run.train_iters))
@@ -252,8 +253,9 @@ class MultiLoRATrainer:
             return
         changes = field_changes(saved.get("model", {}), mine["model"]) + field_changes(
             {k: v for k, v in saved.items() if k != "model"}, {k: v for k, v in mine.items() if k != "model"})
-        self.metrics.note(f"tenant {name}: its checkpoint {checkpoint} was trained on another base than this run's "
-                          f"({', '.join(changes) or 'recorded differently'}): it goes on against these weights")
+        self.metrics.note(f"tenant {name}: its checkpoint {checkpoint} records another base than this run's "
+                          f"({', '.join(changes) or 'recorded differently'}): unless they are the same weights, it "
+                          "goes on against other ones")
 
     def _note_short_schedule(self, tenant: Tenant) -> None:
         """A decaying learning rate that would stop short of min_lr, said with the fix: a tenant decaying over the
@@ -626,8 +628,9 @@ class MultiLoRATrainer:
 
     def find_tenant_checkpoint(self, name: str):
         """The most recently saved complete checkpoint of tenant ``name`` under <load> and <save> (None if none;
-        iteration numbers do not order checkpoints of different runs or directories). In one tenant directory,
-        the one its pointer names (its file times change when the directory is copied). Skips checkpoints this
+        iteration numbers do not order checkpoints of different runs or directories); one that does not record
+        when it was saved ranks, in its directory, below those that do unless the directory's pointer names it (its
+        file time changes when the directory is copied). Skips checkpoints this
         run's own lineage wrote at a later iteration (left by an attempt that crashed after the run checkpoint
         it resumed from)."""
         roots = [d for d in dict.fromkeys((self.run.load, self.run.save)) if d]
@@ -646,9 +649,11 @@ class MultiLoRATrainer:
                     meta = ckpt.read_manifest(root / ckpt.iter_name(it)).get("meta", {})
                     if it > self.iteration and meta.get("run_id") == self.run_id:
                         continue
-                    # (a checkpoint without saved_at, e.g. written by an older import-peft: its manifest's time)
-                    saved_at = meta.get("saved_at") or (root / ckpt.iter_name(it) / ckpt.MANIFEST).stat().st_mtime
-                    candidates.append((it == latest, saved_at, it))
+                    # (a checkpoint without saved_at, e.g. written by an older import-peft: its manifest's time,
+                    # which a copy changes -- so it ranks below those that record theirs, unless the pointer names it)
+                    recorded = meta.get("saved_at")
+                    saved_at = recorded or (root / ckpt.iter_name(it) / ckpt.MANIFEST).stat().st_mtime
+                    candidates.append((recorded is not None or it == latest, saved_at, it))
                 if candidates:
                     _, saved_at, it = max(candidates)
                     if key is None or (saved_at, it) > key:

@@ -76,6 +76,13 @@ def _lineage_world(d: str) -> dict:
     run = _trainer(cfg)
     out["newer_run_steps"] = run.tenants["x"].steps
     run.close()
+    # ... and the same when the tenant's pointer still names the older one (a process that died between promoting
+    # its newer checkpoint and moving the pointer): both record when they were saved, the newer wins
+    shutil.copytree(e_dir / "tenants", d / "stale-pointer" / "tenants")
+    ckpt.write_tracker(d / "stale-pointer" / "tenants" / "x", 2)
+    run = _trainer(tr.run_config([x], eval_interval=None, load=str(d / "stale-pointer")))
+    out["stale_pointer_steps"] = run.tenants["x"].steps
+    run.close()
 
     # A tenant stopped right after a periodic save (the same iteration, the same state) keeps the checkpoint that
     # save wrote, which the run's pointer names: rewriting it swapped that directory out and in (promote), a
@@ -87,6 +94,9 @@ def _lineage_world(d: str) -> dict:
     before = (saved.stat().st_ino, _tree(saved))
     run.stop_tenant("x")
     out["stop_after_save_kept"] = (saved.stat().st_ino, _tree(saved)) == before
+    run.add_tenant(run.run.tenants[0], resume=False)  # fresh weights in the slot, at the same iteration: saved
+    run.stop_tenant("x")
+    out["fresh_restop_saved"] = _tree(saved) != before
     run.add_tenant(run.run.tenants[0])  # it joins again from that checkpoint, and a later stop writes anew
     run.train_iteration()
     run.stop_tenant("x")
@@ -363,15 +373,16 @@ def test_a_tenant_rejoins_from_its_most_recent_checkpoint(lineage):
     assert lineage["rejoined_steps"] == 5  # 2 in A, then 3 more in this run (A's checkpoint had 2)
     assert lineage["rejoined_from"] == "B/tenants/x/iter_0000005"
     assert lineage["newer_run_steps"] == 3  # from the newer run's iter_1, not the older run's iter_2 (2 steps)
+    assert lineage["stale_pointer_steps"] == 3
     assert lineage["copied_steps"] == 2  # the copied directory's trained checkpoint, not its (newer-file) import
-    assert lineage["stop_after_save_kept"]
+    assert lineage["stop_after_save_kept"] and lineage["fresh_restop_saved"]
     assert lineage["stop_later_saved"] == ["iter_0000001", "iter_0000002"]
 
 
 def test_a_tenant_checkpoint_on_another_base_is_named(lineage):
     assert lineage["base_notes_seed7"] == [] and lineage["base_steps_seed7"] == 3
     assert lineage["base_steps_seed99"] == 3 and len(lineage["base_notes_seed99"]) == 1
-    assert "was trained on another base than this run's (seed 7 -> 99)" in lineage["base_notes_seed99"][0]
+    assert "records another base than this run's (seed 7 -> 99)" in lineage["base_notes_seed99"][0]
 
 
 def test_a_tenant_whose_checkpoint_is_complete_is_not_trained_again(lineage):
@@ -515,7 +526,7 @@ def test_pruning_and_a_promote_cut_short_lose_no_complete_checkpoint(tmp_path):
 
     checkpoint(".old.iter_0000002.4242")
     (tmp_path / ".tmp.iter_0000002").mkdir()  # the successor that never took its place
-    checkpoint(".deleting.iter_0000001")  # a prune cut short
+    checkpoint(".deleting.iter_0000001")  # a prune cut short earlier
     checkpoint(".old.iter_0000003.4242")
     checkpoint("iter_0000003")  # promote() finished: the old copy is only a leftover
     assert ckpt.complete_iterations(tmp_path) == [3]
@@ -526,3 +537,19 @@ def test_pruning_and_a_promote_cut_short_lose_no_complete_checkpoint(tmp_path):
     ckpt.write_tracker(tmp_path, 3)
     checkpoint("iter_0000004")
     assert ckpt.prune(tmp_path, keep=1) == [] and ckpt.complete_iterations(tmp_path) == [3, 4]  # the tracker's
+    # a prune whose delete stops half way (here: every file but the manifest goes) leaves nothing that counts
+    real_rmtree = ckpt.shutil.rmtree
+
+    def half_rmtree(path, ignore_errors=False):
+        for f in Path(path).glob("*"):
+            if f.name != "manifest.json":
+                f.unlink()
+
+    ckpt.write_tracker(tmp_path, 4)
+    (tmp_path / "iter_0000003" / "shard.distcp").write_text("x")
+    ckpt.shutil.rmtree = half_rmtree
+    try:
+        ckpt.prune(tmp_path, keep=1)
+    finally:
+        ckpt.shutil.rmtree = real_rmtree
+    assert ckpt.complete_iterations(tmp_path) == [4]

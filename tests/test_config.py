@@ -252,6 +252,10 @@ def test_checkpoint_and_output_paths_are_checked_before_the_run(raw, tmp_path):
     with pytest.raises(ConfigError, match=r"load: .*tenants/a is tenant 'a''s checkpoints, not a run's: --load takes "
                                           r"the run's directory \(.*prev_run\)"):
         check({**raw, "load": str(tenant_root)})
+    # ... but a directory of tenant checkpoints that merely sits in a folder named "tenants" is one to load
+    pool = tmp_path / "tenants" / "pool1"
+    (pool / "tenants" / "a" / "iter_0000000").mkdir(parents=True)
+    check({**raw, "load": str(pool)})
     for where in (prev, run_iter, tenant_root / "iter_0000060"):
         with pytest.raises(ConfigError, match=r"load_base: .* is a multi-LoRA checkpoint \(adapters and training "
                                               r"state, no base weights\)"):
