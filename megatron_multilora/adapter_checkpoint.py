@@ -162,5 +162,5 @@ def write_tenant_checkpoint(
         return ckpt.save_sharded(
             root, iteration, sharded,
             {**{k: meta[k] for k in ("name", "iteration", "run_id", "done")}, "saved_at": time.time()},
-            extra_files={"tenant.yaml": yaml.safe_dump(config, sort_keys=False)},
+            extra_files={ckpt.SPEC_FILE: yaml.safe_dump(config, sort_keys=False)},
         )

@@ -5,6 +5,7 @@ Layout of a ``--save`` directory (Megatron-LM's conventions, one level per tenan
     <save>/latest_checkpointed_iteration.txt      newest complete run checkpoint (an iteration number)
     <save>/run/iter_0000100/                      run state: iteration, slot table, queue, finished tenants,
                                                   data-source position, RNG states (one object per rank)
+    <save>/run/run_id.txt                         the run that saves here (written before its first save)
     <save>/tenants/<tenant>/latest_checkpointed_iteration.txt
     <save>/tenants/<tenant>/iter_0000100/         that tenant only: its adapter sliced to ITS rank, its
                                                   optimizer moments and step (= scheduler position), its
@@ -23,14 +24,17 @@ Durability: a checkpoint is written into ``.tmp.iter_XXXXXXX`` next to its final
 the size and sha256 of every file in ``manifest.json`` (written last), renames the directory into place and
 only then replaces the ``latest_checkpointed_iteration.txt`` pointer (temp file + ``os.replace``). A crash at
 any point leaves either the previous complete checkpoint or the new one behind the pointer, never a partial
-one; loading verifies the manifest first and names the missing, truncated or corrupt file.
+one (a run checkpoint promoted before the pointer moved is resumed: ``latest_run_iteration``; one that
+``promote`` had moved aside when its process died is put back: ``recover``; pruning moves a checkpoint out of
+sight before deleting it); loading verifies the manifest first and names the missing, truncated or corrupt file.
 
 A tenant checkpoint's common state holds ``"tenant"``: ``format``, ``name``, ``iteration`` (of the run when
 saved), ``run_id`` (the run lineage that wrote it), ``spec`` (TenantConfig fields, also written as
 ``tenant.yaml``), ``rank``, ``alpha``, ``rslora``, ``targets`` (the adapter's shape), ``steps`` (its trainer
 steps), ``optimizer_step`` (AdamW step count = learning-rate schedule position), ``data`` (the data source's
 ``tenant_state``, or None for a fresh stream), ``done`` (finished its train_iters / epochs), ``has_master``
-(fp32 master weights saved under ``optimizer.state.fp32_param.<key>``). The run state (``<save>/run``) holds
+(fp32 master weights saved under ``optimizer.state.fp32_param.<key>``), ``tokenizer`` and ``base`` (what it
+trained with). The run state (``<save>/run``) holds
 ``"run"``: ``run_id``, ``iteration``, ``tenants`` ({name: {slot, iteration}}), ``queue`` (TenantConfig dicts),
 ``finished``, ``data`` (source iteration and each tenant's last_step), ``layout``; and ``rng_state``, one
 ShardedObject per global rank.
@@ -59,6 +63,7 @@ MANIFEST = "manifest.json"
 TENANTS_DIR = "tenants"
 RUN_DIR = "run"
 RUN_ID_FILE = "run_id.txt"
+SPEC_FILE = "tenant.yaml"  # a tenant checkpoint's settings (TenantConfig fields), readable without loading it
 TMP_PREFIX = ".tmp."
 OLD_PREFIX = ".old."  # a checkpoint promote() is replacing (put back if the process died before its successor)
 DELETING_PREFIX = ".deleting."  # a checkpoint being pruned: never counted, never put back

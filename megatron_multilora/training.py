@@ -604,7 +604,7 @@ class MultiLoRATrainer:
         where = ckpt.save_sharded(root, self.iteration, sharded,
                                   {**{k: meta[k] for k in ("name", "iteration", "run_id", "done")},
                                    "saved_at": time.time()},
-                                  extra_files={"tenant.yaml": yaml.safe_dump(meta["spec"], sort_keys=False)},
+                                  extra_files={ckpt.SPEC_FILE: yaml.safe_dump(meta["spec"], sort_keys=False)},
                                   before_promote=hook)
         self._tenant_saves[name] = meta
         if kill_phase is None:  # a lone tenant save (finished / stopped): prune now
@@ -628,11 +628,10 @@ class MultiLoRATrainer:
 
     def find_tenant_checkpoint(self, name: str):
         """The most recently saved complete checkpoint of tenant ``name`` under <load> and <save> (None if none;
-        iteration numbers do not order checkpoints of different runs or directories); one that does not record
-        when it was saved ranks, in its directory, below those that do unless the directory's pointer names it (its
-        file time changes when the directory is copied). Skips checkpoints this
-        run's own lineage wrote at a later iteration (left by an attempt that crashed after the run checkpoint
-        it resumed from)."""
+        iteration numbers do not order checkpoints of different runs or directories). One that does not record
+        when it was saved (its file's time changes with a copy) ranks, in its directory, below those that do
+        unless the directory's pointer names it. Skips checkpoints this run's own lineage wrote at a later
+        iteration (left by an attempt that crashed after the run checkpoint it resumed from)."""
         roots = [d for d in dict.fromkeys((self.run.load, self.run.save)) if d]
 
         def find():
@@ -751,8 +750,13 @@ class MultiLoRATrainer:
         state = common["run"]
         tenant_dirs = {name: ckpt.tenant_root(base, name) / ckpt.iter_name(info["iteration"])
                        for name, info in state["tenants"].items()}
-        ckpt.on_rank0(lambda: [(ckpt.recover(p.parent), ckpt.verify_checkpoint(p)) for p in tenant_dirs.values()])
-        # (verified before anything changes)
+
+        def verify():  # before anything changes
+            for directory in tenant_dirs.values():
+                ckpt.recover(directory.parent)
+                ckpt.verify_checkpoint(directory)
+
+        ckpt.on_rank0(verify)
         queue = [tenant_from_dict(d, "checkpoint queue") for d in state["queue"]]
         self._check_pool_holds(run_dir, state["tenants"], tenant_dirs, queue)
         self.queue = []  # (releasing must not admit queued tenants)
@@ -871,7 +875,7 @@ class MultiLoRATrainer:
         root = ckpt.tenant_root(save, name)
         try:
             it = ckpt.read_tracker(root)
-            text = (root / ckpt.iter_name(it) / "tenant.yaml").read_text() if it is not None else None
+            text = (root / ckpt.iter_name(it) / ckpt.SPEC_FILE).read_text() if it is not None else None
             return None if text is None else tenant_from_dict(yaml.safe_load(text), f"checkpoint of {name!r}")
         except (ckpt.CheckpointError, ConfigError, OSError, yaml.YAMLError):
             return None
