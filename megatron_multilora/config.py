@@ -1038,13 +1038,14 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
     same = save is not None and load is not None and save.resolve() == load.resolve()
     problems = []
     held = run_checkpoint(save) if save is not None and not same else None
+    resumed = run_checkpoint(load) if load is not None and load.is_dir() else None
     if held is not None:
         problems.append(f"save: {save} already holds a run checkpoint ({held}): resume it with --load {save}, or "
                         "give another --save directory")
     if load is not None and not same:
         if not load.is_dir():
             problems.append(f"load: directory not found: {load}")
-        elif run_checkpoint(load) is None and not (load / TENANTS_DIR).is_dir():
+        elif resumed is None and not (load / TENANTS_DIR).is_dir():
             hint = (f": it is a PEFT adapter -- convert it first with tools/convert_checkpoint.py import-peft "
                     f"--peft-dir {load} --save SAVE ..., then --load SAVE"
                     if (load / "adapter_config.json").is_file() else "")
@@ -1055,7 +1056,7 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
                             f"the run's directory ({load.resolve().parent.parent}); a new job starts the tenant from "
                             f"them when they are under {TENANTS_DIR}/{load.resolve().name}/ of its --save or --load")
             return problems
-    if load is not None and load.is_dir() and run_checkpoint(load) is not None:
+    if resumed is not None:
         problems += _resume_identity_problems(run, load)
     return problems
 

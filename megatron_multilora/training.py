@@ -217,6 +217,7 @@ class MultiLoRATrainer:
             _check_same_adapter(tc, common, checkpoint)
         if common is not None:
             _check_same_tokenizer(tc.name, common, self._tokenizer_identity, checkpoint)
+        if common is not None and not saved_spec:  # (a run's resume says its base change once, for all)
             self._note_other_base(tc.name, common.get("base"), checkpoint)
         spec = LoRASpec(
             rank=tc.rank, alpha=tc.alpha, dropout=tc.dropout, rslora=tc.rslora, init=tc.init,
