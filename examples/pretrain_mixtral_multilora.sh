@@ -17,7 +17,8 @@ MODEL_ARGS=(--model mixtral-8x7b --load-base "$BASE" --tokenizer "$BASE")
 LORA_ARGS=(--max-slots 64 --max-rank 64 --tenants-dir "$TENANTS_DIR" --tenants-dir-idle-wait 3600)
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 4
                      --pipeline-model-parallel-size 1 --moe-token-dispatcher-type alltoall --distributed-backend nccl)
-TRAINING_ARGS=(--micro-batch-size 4 --seq-length 4096 --train-iters 20000 --recompute-activations)
+TRAINING_ARGS=(--micro-batch-size 4 --seq-length 4096 --train-iters 20000 --recompute-activations
+               --exit-signal-handler)  # SIGTERM (preemption): finish the iteration, save, exit 0
 EVAL_AND_LOGGING_ARGS=(--eval-interval 500 --eval-iters 10 --log-interval 10 --save "$SAVE" --load "$SAVE"
                        --save-interval 500 --keep-last-checkpoints 3
                        --tensorboard-dir "$SAVE/tensorboard" --metrics-file "$SAVE/metrics.jsonl")

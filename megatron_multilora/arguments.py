@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from megatron_multilora.config import (
     DISTRIBUTED_BACKENDS,
+    EXIT_SIGNALS,
     LORA_INITS,
     LR_DECAY_STYLES,
     MOE_TOKEN_DISPATCHERS,
@@ -190,6 +191,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "prompt / completion data)" + _d(R, "pack_sequences"))
     g.add_argument("--seed", type=int, metavar="N",
                    help="run seed; tenants without a seed use it" + _d(R, "seed"))
+    g.add_argument("--exit-interval", type=_optional_int, metavar="N",
+                   help="leave after an iteration that is a multiple of N, saving a run checkpoint first "
+                        "(with --save); --load resumes exactly (default: none)")
+    g.add_argument("--exit-duration-in-mins", type=float, metavar="MINUTES",
+                   help="leave, saving first, after the first iteration that ends this many minutes after the "
+                        "job started (default: none)")
+    g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction,
+                   help="on --exit-signal, finish the iteration, save and leave (a scheduler's preemption "
+                        "notice)" + _d(R, "exit_signal_handler"))
+    g.add_argument("--exit-signal", choices=EXIT_SIGNALS,
+                   help="the signal --exit-signal-handler catches" + _d(R, "exit_signal"))
 
     g = parser.add_argument_group("data")
     g.add_argument("--tokenizer", metavar="PATH",

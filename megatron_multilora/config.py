@@ -184,6 +184,7 @@ def model_config_from(spec: str | dict | ModelConfig) -> ModelConfig:
 DENSE_TARGET_MODULES, EXPERT_TARGET_MODULES, TARGET_MODULES = DENSE_TARGETS, EXPERT_TARGETS, ALL_TARGETS
 LORA_INITS = ("kaiming", "gaussian")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")  # = optim.DECAY_STYLES (not imported: optim imports torch)
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # --exit-signal (Megatron-LM's choices)
 DISTRIBUTED_BACKENDS = ("gloo", "nccl")
 TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 TENANT_NAME_MAX_LEN = 64
@@ -326,6 +327,11 @@ class RunConfig:
     recompute_activations: bool = False
     pack_sequences: bool = False
     seed: int = 1234
+    # leaving early (Megatron-LM's flags): a run checkpoint is saved first, --load resumes exactly
+    exit_interval: int | None = None  # leave after an iteration that is a multiple of this
+    exit_duration_in_mins: float | None = None  # leave after the first iteration past this many minutes
+    exit_signal_handler: bool = False  # leave after the iteration during which exit_signal arrived
+    exit_signal: str = "SIGTERM"
     # data
     # a tokenizer.json (or a directory with one), or "byte" (the built-in byte-level one); None: the one beside
     # load_base if it has one, else byte-level
@@ -958,6 +964,12 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
                                ("metrics_file", run.metrics_file, False)):
         if path is not None:
             problems += _unwritable(what, Path(path), is_dir)
+    if run.exit_interval is not None and run.exit_interval < 1:
+        problems.append(f"exit_interval must be >= 1 (or null), got {run.exit_interval}")
+    if run.exit_duration_in_mins is not None and run.exit_duration_in_mins <= 0:
+        problems.append(f"exit_duration_in_mins must be > 0 (or null), got {run.exit_duration_in_mins}")
+    if run.exit_signal not in EXIT_SIGNALS:
+        problems.append(f"exit_signal must be one of {list(EXIT_SIGNALS)}, got {run.exit_signal!r}")
     if run.save_interval is not None and run.save_interval < 1:
         problems.append(f"save_interval must be >= 1, got {run.save_interval}")
     if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:

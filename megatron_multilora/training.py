@@ -26,6 +26,7 @@ from .config import (ConfigError, RunConfig, TenantConfig, base_identity, field_
 from .data.datasets import DataError, TenantDataset
 from .data.source import PAD_SLOT, MultiAdapterDataSource
 from .data.tokenizer import build_tokenizer
+from .early_exit import EarlyExit
 from .lora import grads as grad_lib
 from .lora.inject import inject_lora, lora_parameters
 from .lora.routing import AdapterRouting
@@ -108,6 +109,7 @@ class MultiLoRATrainer:
         from megatron.core import parallel_state as ps
 
         self.run = run
+        self._exit = EarlyExit(run, started=time.monotonic())  # (its clock: --exit-duration-in-mins)
         self.seq_length = run.seq_length  # resolved: the model's max_position_embeddings when unset
         self.tokenizer = build_tokenizer(run.tokenizer)
         self._tokenizer_identity = tokenizer_identity(run)  # (recorded in run checkpoints: a resume must match)
@@ -429,19 +431,31 @@ class MultiLoRATrainer:
         """The iteration of the newest run checkpoint this trainer wrote or loaded (None: none yet)."""
         return self._saved_iteration
 
-    def train(self) -> None:
+    def train(self) -> str | None:
         """Train until the run's train_iters (or until no tenant is left and none joins within
-        tenants_dir_idle_wait); evaluate and save at the end."""
+        tenants_dir_idle_wait); evaluate and save at the end. An exit condition (--exit-interval, ...) met
+        before that ends the run after the iteration, with a run checkpoint saved (with --save) and no final
+        evaluation: returns why, else None."""
         run = self.run
         if self.iteration >= run.train_iters:
             self.metrics.note(f"the run is at iteration {self.iteration} already (train_iters {run.train_iters}): "
                               "nothing to train; raise --train-iters to go on")
-        while self.iteration < run.train_iters and self.train_iteration():
-            pass
+        if not run.save and (run.exit_interval or run.exit_duration_in_mins or run.exit_signal_handler):
+            self.metrics.note("no --save: leaving early (--exit-*) will save nothing")
+        with self._exit:
+            while self.iteration < run.train_iters and self.train_iteration():
+                reason = self._exit.reason(self.iteration) if self.iteration < run.train_iters else None
+                if reason:
+                    if run.save and self._saved_iteration != self.iteration:
+                        self.save_checkpoint()
+                    self.metrics.note(f"leaving at iteration {self.iteration}: {reason}; " + (
+                        f"--load {run.save} resumes here" if run.save else "nothing saved (no --save)"))
+                    return reason
         if not run.eval_interval or self.iteration % run.eval_interval:
             self.evaluate()
         if run.save and self._saved_iteration != self.iteration:
             self.save_checkpoint()
+        return None
 
     def train_iteration(self) -> bool:
         """One iteration boundary to the next: tenants join / stop (control directory), one training step,
@@ -477,6 +491,10 @@ class MultiLoRATrainer:
         while not self.tenants:
             remaining = ckpt.broadcast_object(deadline - time.monotonic() if dist.get_rank() == 0 else None)
             if remaining <= 0:
+                return False
+            reason = self._exit.requested()
+            if reason:  # an idle job holds no tenant state: it ends as at the end of its wait
+                self.metrics.note(f"stopped waiting: {reason}")
                 return False
             time.sleep(min(IDLE_POLL_SECONDS, remaining))
             self.poll_tenants_dir()

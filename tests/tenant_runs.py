@@ -57,9 +57,10 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def run_cli(config: Path, *flags: str, kill_at: str | None = None, timeout: float = 120.0):
+def run_cli(config: Path, *flags: str, kill_at: str | None = None, timeout: float = 120.0, while_running=None):
     """``python -m megatron_multilora.train`` (one process) in its own session; returns (returncode, output).
-    Whatever it started (megatron-core's checkpoint-writer helpers) is killed with it afterwards."""
+    Whatever it started (megatron-core's checkpoint-writer helpers) is killed with it afterwards.
+    ``while_running(proc, output)`` is called once it has started; ``output()`` is its output so far."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.pop("MULTILORA_TEST_KILL_AT", None)
     if kill_at:
@@ -74,6 +75,8 @@ def run_cli(config: Path, *flags: str, kill_at: str | None = None, timeout: floa
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         try:
+            if while_running is not None:  # (pread: the child shares the file's offset)
+                while_running(proc, lambda: os.pread(log.fileno(), 1 << 24, 0).decode(errors="replace"))
             proc.wait(timeout=timeout)
         finally:
             try:
@@ -99,3 +102,19 @@ def per_tenant(rows: list[dict], after: int = 0) -> dict:
         kind = "valid" if "lm loss validation" in r else "train"
         out[(r["iteration"], r["tenant"], kind)] = {k: r[k] for k in COMPARED if k in r}
     return out
+
+
+def signal_when(seen, signum: int, timeout: float = 60.0):
+    """A ``while_running`` for run_cli: send ``signum`` once ``seen(output so far)`` is true (never, if the
+    process ends first or ``timeout`` seconds pass: the caller's assertions then say what happened)."""
+    import time
+
+    def act(proc, output):
+        deadline = time.monotonic() + timeout
+        while not seen(output()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        proc.send_signal(signum)
+
+    return act

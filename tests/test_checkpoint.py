@@ -1,6 +1,7 @@
-"""Per-tenant distributed checkpoints: exact resume after SIGKILL (during training and during a save),
-resharding across TP / PP / EP layouts and slots, corruption detection, tenant names that would escape, a
-tenant re-joining with another adapter shape, bf16 weights' fp32 masters across slot changes and resume."""
+"""Per-tenant distributed checkpoints: exact resume after SIGKILL (during training and during a save) and after
+leaving early (--exit-interval, SIGTERM with --exit-signal-handler), resharding across TP / PP / EP layouts and
+slots, corruption detection, tenant names that would escape, a tenant re-joining with another adapter shape,
+bf16 weights' fp32 masters across slot changes and resume."""
 
 from __future__ import annotations
 
@@ -109,6 +110,91 @@ def test_sigkill_during_the_first_save_resumes_exactly(resume_setup, kill_at):
     else:
         assert "resumed from" in out and "run/iter_0000002 at iteration 2" in out
         _assert_same(baseline, resumed, 2)
+
+
+# ------------------------------------------------------------------------------------------- leaving early
+# Megatron-LM's --exit-interval / --exit-duration-in-mins / --exit-signal-handler: the job leaves between
+# iterations with a run checkpoint of the last one saved, exit code 0, and --load goes on from there exactly.
+
+
+def _last_iteration(metrics: Path) -> int:
+    return max(r["iteration"] for r in tr.read_metrics(metrics) if "iteration" in r)
+
+
+def test_exit_interval_leaves_with_a_checkpoint_that_resumes_exactly(resume_setup):
+    d, config, baseline = resume_setup
+    save, m1, m2 = d / "exit_ckpt", d / "exit_1.jsonl", d / "exit_2.jsonl"
+    code, out = tr.run_cli(config, "--save", str(save), "--metrics-file", str(m1), "--exit-interval", "3")
+    assert code == 0, out
+    assert f"leaving at iteration 3: --exit-interval 3; --load {save} resumes here" in out
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"  # (periodic saves: every 2)
+    assert _last_iteration(m1) == 3
+    _assert_same(baseline, tr.read_metrics(m1), 0, upto=3)
+    code, out = tr.run_cli(config, "--save", str(save), "--load", str(save), "--metrics-file", str(m2))
+    assert code == 0, out
+    _assert_same(baseline, tr.read_metrics(m2), 3)
+
+
+@pytest.mark.parametrize("handler", [True, False], ids=["exit-signal-handler", "no-handler"])
+def test_sigterm_with_the_exit_signal_handler_saves_the_iteration_and_leaves(resume_setup, handler):
+    """SIGTERM (a scheduler's preemption notice) arriving mid-run: with --exit-signal-handler the iteration under
+    way ends, is saved, the job leaves with 0 and --load goes on from it; without, the signal kills the job."""
+    import re
+    import signal
+
+    d, config, _ = resume_setup
+    save, metrics = d / f"signal_{handler}_ckpt", d / f"signal_{handler}.jsonl"
+    flags = ["--save", str(save), "--metrics-file", str(metrics), "--train-iters", "2000", "--save-interval", "1000"]
+    once_running = tr.signal_when(lambda out: "iteration 2/2000" in out, signal.SIGTERM)
+    code, out = tr.run_cli(config, *flags, *(["--exit-signal-handler"] if handler else []),
+                           while_running=once_running)
+    if not handler:
+        assert code == -signal.SIGTERM, out[-3000:]
+        return
+    assert code == 0, out[-3000:]
+    left = re.search(r"leaving at iteration (\d+): SIGTERM received", out)
+    assert left, out[-3000:]
+    iteration = int(left.group(1))
+    assert 2 <= iteration < 1000 and _last_iteration(metrics) == iteration
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(iteration)
+    code, out = tr.run_cli(config, *flags, "--load", str(save), "--exit-interval", str(iteration + 1))
+    assert code == 0, out[-3000:]
+    assert f"at iteration {iteration}" in out and f"leaving at iteration {iteration + 1}: --exit-interval" in out
+
+
+def _exit_agreement() -> dict:
+    """Each rank's answers of EarlyExit when only rank 1 receives the signal, and only rank 0's clock has run
+    past the duration."""
+    import signal
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from megatron_multilora.early_exit import EarlyExit
+
+    dist.init_process_group("gloo")
+    rank, out = dist.get_rank(), {}
+    run = types.SimpleNamespace(exit_interval=4, exit_duration_in_mins=None, exit_signal_handler=True,
+                                exit_signal="SIGUSR1")
+    with EarlyExit(run, time.monotonic()) as early:
+        out["quiet"], out["interval"] = early.reason(3), early.reason(8)
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        out["signal"] = early.reason(5)
+    out["handler restored"] = signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    timed = types.SimpleNamespace(exit_interval=None, exit_duration_in_mins=1.0, exit_signal_handler=False,
+                                  exit_signal="SIGTERM")
+    out["late"] = EarlyExit(timed, time.monotonic() - (120 if rank == 0 else 0)).reason(5)
+    dist.destroy_process_group()
+    return out
+
+
+def test_one_ranks_signal_or_clock_ends_every_ranks_run_at_the_same_iteration():
+    for out in run_world(_exit_agreement, 2, timeout=120):
+        assert out == {"quiet": None, "interval": "--exit-interval 4", "signal": "SIGUSR1 received",
+                       "handler restored": True,
+                       "late": "more than --exit-duration-in-mins 1 since the job started"}
 
 
 def test_partial_tenant_save_is_never_promoted(resume_setup):

@@ -190,6 +190,10 @@ def test_unsafe_and_bad_tenant_names_are_refused(raw):
     ("log_interval", 0, r"log_interval must be >= 1"),
     ("save_interval", 0, r"save_interval must be >= 1"),
     ("keep_last_checkpoints", 0, r"keep_last_checkpoints must be >= 1"),
+    ("exit_interval", 0, r"exit_interval must be >= 1"),
+    ("exit_duration_in_mins", 0, r"exit_duration_in_mins must be > 0"),
+    ("exit_duration_in_mins", float("nan"), r"exit_duration_in_mins: expected a finite number"),
+    ("exit_signal", "SIGKILL", r"exit_signal must be one of \['SIGTERM', 'SIGINT', 'SIGUSR1', 'SIGUSR2'\]"),
     ("distributed_backend", "mpi", r"distributed_backend must be one of \['gloo', 'nccl'\]"),
     ("tenants_dir_idle_wait", -1.0, r"tenants_dir_idle_wait must be >= 0 seconds"),
     ("tenants_dir_idle_wait", 5.0, r"tenants_dir_idle_wait needs a tenants_dir"),
@@ -501,8 +505,12 @@ def test_flags_override_yaml(run_yaml):
     run = parse_run_config(["--config", str(run_yaml), "--train-iters", "7", "--micro-batch-size", "2",
                             "--expert-model-parallel-size", "1", "--seq-length", "32", "--max-slots", "3",
                             "--no-queue", "--eval-interval", "none", "--distributed-backend", "auto",
-                            "--log-interval", "1", "--moe-token-dispatcher-type", "alltoall"], world_size=1)
+                            "--log-interval", "1", "--moe-token-dispatcher-type", "alltoall",
+                            "--exit-interval", "5", "--exit-duration-in-mins", "0.5", "--exit-signal-handler",
+                            "--exit-signal", "SIGUSR1"], world_size=1)
     assert run.moe_token_dispatcher_type == "alltoall"
+    assert (run.exit_interval, run.exit_duration_in_mins, run.exit_signal_handler, run.exit_signal) == (
+        5, 0.5, True, "SIGUSR1")
     assert (run.train_iters, run.micro_batch_size, run.expert_model_parallel_size, run.seq_length) == (7, 2, 1, 32)
     assert (run.lora.max_slots, run.lora.max_rank, run.lora.queue) == (3, 16, False)
     assert run.eval_interval is None and run.log_interval == 1 and run.distributed_backend is None

@@ -218,6 +218,20 @@ def test_an_idle_job_waits_for_tenants_to_join(tmp_path):
         assert out["waits"] == 2  # before it joined, and after it finished
 
 
+def test_sigterm_with_the_exit_signal_handler_ends_an_idle_wait(tmp_path):
+    """An idle job (no tenant to train) waiting for one to join leaves at once on --exit-signal-handler's signal,
+    not after its whole wait."""
+    import signal
+
+    control = tmp_path / "control"
+    control.mkdir()
+    config = tr.write_yaml(tmp_path / "run.yaml", tr.run_config(
+        [], train_iters=50, eval_interval=None, tenants_dir=str(control), tenants_dir_idle_wait=600.0))
+    once_waiting = tr.signal_when(lambda out: "waiting up to 600 s" in out, signal.SIGTERM)
+    code, out = tr.run_cli(config, "--exit-signal-handler", while_running=once_waiting, timeout=60)
+    assert code == 0 and "stopped waiting: SIGTERM received" in out, out[-3000:]
+
+
 def _startup_with_files(cfg: dict) -> dict:
     """A job (then its resume) started with files already in its control directory: what it runs and notes."""
     from megatron_multilora import metrics
