@@ -442,7 +442,7 @@ class MultiLoRATrainer:
                               "nothing to train; raise --train-iters to go on")
         if not run.save and (run.exit_interval or run.exit_duration_in_mins or run.exit_signal_handler):
             self.metrics.note("no --save: leaving early (--exit-*) will save nothing")
-        with self._exit:
+        with self._exit:  # (a signal during the final save is only recorded too: the job ends after it anyway)
             while self.iteration < run.train_iters and self.train_iteration():
                 reason = self._exit.reason(self.iteration) if self.iteration < run.train_iters else None
                 if reason:
@@ -451,10 +451,10 @@ class MultiLoRATrainer:
                     self.metrics.note(f"leaving at iteration {self.iteration}: {reason}; " + (
                         f"--load {run.save} resumes here" if run.save else "nothing saved (no --save)"))
                     return reason
-        if not run.eval_interval or self.iteration % run.eval_interval:
-            self.evaluate()
-        if run.save and self._saved_iteration != self.iteration:
-            self.save_checkpoint()
+            if not run.eval_interval or self.iteration % run.eval_interval:
+                self.evaluate()
+            if run.save and self._saved_iteration != self.iteration:
+                self.save_checkpoint()
         return None
 
     def train_iteration(self) -> bool:
