@@ -970,6 +970,9 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
         problems.append(f"exit_duration_in_mins must be > 0 (or null), got {run.exit_duration_in_mins}")
     if run.exit_signal not in EXIT_SIGNALS:
         problems.append(f"exit_signal must be one of {list(EXIT_SIGNALS)}, got {run.exit_signal!r}")
+    elif run.exit_signal != "SIGTERM" and not run.exit_signal_handler:
+        problems.append(f"exit_signal {run.exit_signal} is caught only with exit_signal_handler "
+                        "(--exit-signal-handler)")
     if run.save_interval is not None and run.save_interval < 1:
         problems.append(f"save_interval must be >= 1, got {run.save_interval}")
     if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:

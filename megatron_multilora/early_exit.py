@@ -24,13 +24,33 @@ class EarlyExit:
     def __init__(self, run, started: float):
         self.interval, self.minutes, self.started = run.exit_interval, run.exit_duration_in_mins, started
         self.signal = getattr(signal, run.exit_signal) if run.exit_signal_handler else None
+        self.saves = bool(run.save)
         self.received = False
         self._previous = None
 
     def __enter__(self) -> "EarlyExit":
         if self.signal is not None:
+            self.received = False
+            if self.saves:
+                self._spare_checkpoint_writer()
             self._previous = signal.signal(self.signal, self._record)
         return self
+
+    def _spare_checkpoint_writer(self) -> None:
+        """megatron-core's checkpoint writer keeps a helper process (a multiprocessing manager, spawned at the
+        first save) in the rank's process group, which torchrun and Slurm signal as a whole: killed by the
+        signal, it fails the save on exit (BrokenPipeError). Started now with the signal ignored -- an ignored
+        signal stays ignored across exec -- it lives on. (Its SIGINT it ignores itself.)"""
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        start = getattr(filesystem_async, "_get_write_results_queue", None)  # megatron-core 0.16's
+        if start is None:
+            return
+        previous = signal.signal(self.signal, signal.SIG_IGN)
+        try:
+            start()
+        finally:
+            signal.signal(self.signal, previous)
 
     def __exit__(self, *exc) -> None:
         if self.signal is not None:

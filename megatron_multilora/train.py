@@ -37,9 +37,10 @@ def main(argv=None) -> int:
     trainer = None
     try:
         trainer = MultiLoRATrainer(run)
-        trainer.train()
+        left_early = trainer.train()
         trainer.metrics.note(
-            "done. TensorBoard logs: {} | metrics: {} | checkpoints: {}".format(
+            "{}. TensorBoard logs: {} | metrics: {} | checkpoints: {}".format(
+                "left early" if left_early else "done",
                 run.tensorboard_dir or "(off)", run.metrics_file or "(off)", run.save or "(off)"
             )
         )

@@ -110,6 +110,7 @@ class MultiLoRATrainer:
 
         self.run = run
         self._exit = EarlyExit(run, started=time.monotonic())  # (its clock: --exit-duration-in-mins)
+        self._stopped_waiting: str | None = None  # why an idle wait ended early (an exit condition)
         self.seq_length = run.seq_length  # resolved: the model's max_position_embeddings when unset
         self.tokenizer = build_tokenizer(run.tokenizer)
         self._tokenizer_identity = tokenizer_identity(run)  # (recorded in run checkpoints: a resume must match)
@@ -435,11 +436,12 @@ class MultiLoRATrainer:
         """Train until the run's train_iters (or until no tenant is left and none joins within
         tenants_dir_idle_wait); evaluate and save at the end. An exit condition (--exit-interval, ...) met
         before that ends the run after the iteration, with a run checkpoint saved (with --save) and no final
-        evaluation: returns why, else None."""
+        evaluation, or ends an idle wait: returns why, else None."""
         run = self.run
         if self.iteration >= run.train_iters:
             self.metrics.note(f"the run is at iteration {self.iteration} already (train_iters {run.train_iters}): "
                               "nothing to train; raise --train-iters to go on")
+        self._stopped_waiting = None
         if not run.save and (run.exit_interval or run.exit_duration_in_mins or run.exit_signal_handler):
             self.metrics.note("no --save: leaving early (--exit-*) will save nothing")
         with self._exit:  # (a signal during the final save is only recorded too: the job ends after it anyway)
@@ -455,7 +457,7 @@ class MultiLoRATrainer:
                 self.evaluate()
             if run.save and self._saved_iteration != self.iteration:
                 self.save_checkpoint()
-        return None
+        return self._stopped_waiting
 
     def train_iteration(self) -> bool:
         """One iteration boundary to the next: tenants join / stop (control directory), one training step,
@@ -492,9 +494,9 @@ class MultiLoRATrainer:
             remaining = ckpt.broadcast_object(deadline - time.monotonic() if dist.get_rank() == 0 else None)
             if remaining <= 0:
                 return False
-            reason = self._exit.requested()
-            if reason:  # an idle job holds no tenant state: it ends as at the end of its wait
-                self.metrics.note(f"stopped waiting: {reason}")
+            self._stopped_waiting = self._exit.requested()
+            if self._stopped_waiting:  # an idle job holds no tenant state: it ends as at the end of its wait
+                self.metrics.note(f"stopped waiting: {self._stopped_waiting}")
                 return False
             time.sleep(min(IDLE_POLL_SECONDS, remaining))
             self.poll_tenants_dir()

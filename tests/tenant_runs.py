@@ -105,8 +105,9 @@ def per_tenant(rows: list[dict], after: int = 0) -> dict:
 
 
 def signal_when(seen, signum: int, timeout: float = 60.0):
-    """A ``while_running`` for run_cli: send ``signum`` once ``seen(output so far)`` is true (never, if the
-    process ends first or ``timeout`` seconds pass: the caller's assertions then say what happened)."""
+    """A ``while_running`` for run_cli: send ``signum`` to the process's group, as torchrun and Slurm do (its
+    helper processes get it too), once ``seen(output so far)`` is true (never, if the process ends first or
+    ``timeout`` seconds pass: the caller's assertions then say what happened)."""
     import time
 
     def act(proc, output):
@@ -115,6 +116,6 @@ def signal_when(seen, signum: int, timeout: float = 60.0):
             if proc.poll() is not None or time.monotonic() > deadline:
                 return
             time.sleep(0.05)
-        proc.send_signal(signum)
+        os.killpg(proc.pid, signum)  # (run_cli starts it in a session of its own)
 
     return act

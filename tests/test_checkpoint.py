@@ -122,30 +122,35 @@ def _last_iteration(metrics: Path) -> int:
 
 
 def test_exit_interval_leaves_with_a_checkpoint_that_resumes_exactly(resume_setup):
+    """Leaving at iteration 4 (a periodic save: not saved twice; no evaluation there: none is added)."""
     d, config, baseline = resume_setup
     save, m1, m2 = d / "exit_ckpt", d / "exit_1.jsonl", d / "exit_2.jsonl"
-    code, out = tr.run_cli(config, "--save", str(save), "--metrics-file", str(m1), "--exit-interval", "3")
+    code, out = tr.run_cli(config, "--save", str(save), "--metrics-file", str(m1), "--exit-interval", "4")
     assert code == 0, out
-    assert f"leaving at iteration 3: --exit-interval 3; --load {save} resumes here" in out
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"  # (periodic saves: every 2)
-    assert _last_iteration(m1) == 3
-    _assert_same(baseline, tr.read_metrics(m1), 0, upto=3)
+    assert f"leaving at iteration 4: --exit-interval 4; --load {save} resumes here" in out
+    assert out.count("saved checkpoint at iteration 4") == 1 and "left early. TensorBoard logs" in out
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert _last_iteration(m1) == 4
+    _assert_same(baseline, tr.read_metrics(m1), 0, upto=4)  # (the baseline evaluates at 3, 6 and its end, 8)
     code, out = tr.run_cli(config, "--save", str(save), "--load", str(save), "--metrics-file", str(m2))
     assert code == 0, out
-    _assert_same(baseline, tr.read_metrics(m2), 3)
+    _assert_same(baseline, tr.read_metrics(m2), 4)
 
 
 @pytest.mark.parametrize("handler", [True, False], ids=["exit-signal-handler", "no-handler"])
 def test_sigterm_with_the_exit_signal_handler_saves_the_iteration_and_leaves(resume_setup, handler):
-    """SIGTERM (a scheduler's preemption notice) arriving mid-run: with --exit-signal-handler the iteration under
-    way ends, is saved, the job leaves with 0 and --load goes on from it; without, the signal kills the job."""
+    """SIGTERM (a scheduler's preemption notice) sent to the job's process group mid-run: with
+    --exit-signal-handler the iteration under way ends, is saved (megatron-core's checkpoint-writer helper, in
+    the same group, survives the signal), the job leaves with 0 and --load goes on from it; without, the signal
+    kills the job."""
     import re
     import signal
 
     d, config, _ = resume_setup
     save, metrics = d / f"signal_{handler}_ckpt", d / f"signal_{handler}.jsonl"
-    flags = ["--save", str(save), "--metrics-file", str(metrics), "--train-iters", "2000", "--save-interval", "1000"]
-    once_running = tr.signal_when(lambda out: "iteration 2/2000" in out, signal.SIGTERM)
+    # (signalled after the save at iteration 2, which started the checkpoint writer's helper process)
+    flags = ["--save", str(save), "--metrics-file", str(metrics), "--train-iters", "2000", "--save-interval", "2"]
+    once_running = tr.signal_when(lambda out: "iteration 3/2000" in out, signal.SIGTERM)
     code, out = tr.run_cli(config, *flags, *(["--exit-signal-handler"] if handler else []),
                            while_running=once_running)
     if not handler:
@@ -155,7 +160,7 @@ def test_sigterm_with_the_exit_signal_handler_saves_the_iteration_and_leaves(res
     left = re.search(r"leaving at iteration (\d+): SIGTERM received", out)
     assert left, out[-3000:]
     iteration = int(left.group(1))
-    assert 2 <= iteration < 1000 and _last_iteration(metrics) == iteration
+    assert 3 <= iteration < 1000 and _last_iteration(metrics) == iteration
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(iteration)
     code, out = tr.run_cli(config, *flags, "--load", str(save), "--exit-interval", str(iteration + 1))
     assert code == 0, out[-3000:]
@@ -176,7 +181,7 @@ def _exit_agreement() -> dict:
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), {}
     run = types.SimpleNamespace(exit_interval=4, exit_duration_in_mins=None, exit_signal_handler=True,
-                                exit_signal="SIGUSR1")
+                                exit_signal="SIGUSR1", save=None)
     with EarlyExit(run, time.monotonic()) as early:
         out["quiet"], out["interval"] = early.reason(3), early.reason(8)
         if rank == 1:
@@ -184,7 +189,7 @@ def _exit_agreement() -> dict:
         out["signal"] = early.reason(5)
     out["handler restored"] = signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
     timed = types.SimpleNamespace(exit_interval=None, exit_duration_in_mins=1.0, exit_signal_handler=False,
-                                  exit_signal="SIGTERM")
+                                  exit_signal="SIGTERM", save=None)
     out["late"] = EarlyExit(timed, time.monotonic() - (120 if rank == 0 else 0)).reason(5)
     dist.destroy_process_group()
     return out

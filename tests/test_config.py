@@ -194,6 +194,7 @@ def test_unsafe_and_bad_tenant_names_are_refused(raw):
     ("exit_duration_in_mins", 0, r"exit_duration_in_mins must be > 0"),
     ("exit_duration_in_mins", float("nan"), r"exit_duration_in_mins: expected a finite number"),
     ("exit_signal", "SIGKILL", r"exit_signal must be one of \['SIGTERM', 'SIGINT', 'SIGUSR1', 'SIGUSR2'\]"),
+    ("exit_signal", "SIGUSR1", r"exit_signal SIGUSR1 is caught only with exit_signal_handler"),
     ("distributed_backend", "mpi", r"distributed_backend must be one of \['gloo', 'nccl'\]"),
     ("tenants_dir_idle_wait", -1.0, r"tenants_dir_idle_wait must be >= 0 seconds"),
     ("tenants_dir_idle_wait", 5.0, r"tenants_dir_idle_wait needs a tenants_dir"),
