@@ -196,7 +196,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "(with --save); --load resumes exactly (default: none)")
     g.add_argument("--exit-duration-in-mins", type=float, metavar="MINUTES",
                    help="leave, saving first, after the first iteration that ends this many minutes after the "
-                        "job started (default: none)")
+                        "trainer started (default: none)")
     g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction,
                    help="on --exit-signal, finish the iteration, save and leave (a scheduler's preemption "
                         "notice)" + _d(R, "exit_signal_handler"))

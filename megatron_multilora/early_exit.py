@@ -36,6 +36,10 @@ class EarlyExit:
             self._previous = signal.signal(self.signal, self._record)
         return self
 
+    def __exit__(self, *exc) -> None:
+        if self.signal is not None:
+            signal.signal(self.signal, self._previous)
+
     def _spare_checkpoint_writer(self) -> None:
         """megatron-core's checkpoint writer keeps a helper process (a multiprocessing manager, spawned at the
         first save) in the rank's process group, which torchrun and Slurm signal as a whole: killed by the
@@ -51,10 +55,6 @@ class EarlyExit:
             start()
         finally:
             signal.signal(self.signal, previous)
-
-    def __exit__(self, *exc) -> None:
-        if self.signal is not None:
-            signal.signal(self.signal, self._previous)
 
     def _record(self, signum, frame) -> None:
         self.received = True
@@ -72,7 +72,7 @@ class EarlyExit:
         if received:
             return f"{self.signal.name} received"
         if late:
-            return f"more than --exit-duration-in-mins {self.minutes:g} since the job started"
+            return f"more than --exit-duration-in-mins {self.minutes:g} since the trainer started"
         return None
 
     def reason(self, iteration: int) -> str | None:

@@ -199,7 +199,7 @@ def test_one_ranks_signal_or_clock_ends_every_ranks_run_at_the_same_iteration():
     for out in run_world(_exit_agreement, 2, timeout=120):
         assert out == {"quiet": None, "interval": "--exit-interval 4", "signal": "SIGUSR1 received",
                        "handler restored": True,
-                       "late": "more than --exit-duration-in-mins 1 since the job started"}
+                       "late": "more than --exit-duration-in-mins 1 since the trainer started"}
 
 
 def test_partial_tenant_save_is_never_promoted(resume_setup):
