@@ -442,6 +442,8 @@ class MultiLoRATrainer:
             self.metrics.note(f"the run is at iteration {self.iteration} already (train_iters {run.train_iters}): "
                               "nothing to train; raise --train-iters to go on")
         self._stopped_waiting = None
+        if run.load and not run.save:
+            self.metrics.note(f"--load without --save: what this run trains after {run.load} will not be saved")
         if not run.save and (run.exit_interval or run.exit_duration_in_mins or run.exit_signal_handler):
             self.metrics.note("no --save: leaving early (--exit-*) will save nothing")
         with self._exit:  # (a signal during the final save is only recorded too: the job ends after it anyway)
@@ -486,6 +488,9 @@ class MultiLoRATrainer:
         Rank 0 keeps the clock and every rank polls in step, so all ranks end the wait together."""
         wait = self.run.tenants_dir_idle_wait
         if self._watcher is None or not wait:
+            if self._watcher is not None:
+                self.metrics.note(f"no tenant running or queued at iteration {self.iteration}: ending (no "
+                                  f"--tenants-dir-idle-wait to wait for one to join through {self.run.tenants_dir})")
             return False
         self.metrics.note(f"no tenant running or queued at iteration {self.iteration}: waiting up to {wait:g} s "
                           f"for one to join through {self.run.tenants_dir}")
@@ -764,7 +769,7 @@ class MultiLoRATrainer:
                                   "save; starting it again from iteration 0 (tenant checkpoints that save left are "
                                   "not resumed)")
             else:
-                self.metrics.note(f"no checkpoint in {directory}: starting from iteration 0")
+                self.metrics.note(f"no run checkpoint in {directory}: starting from iteration 0")
             return False
         run_dir = ckpt.run_root(base) / ckpt.iter_name(it)
         common = ckpt.load_common(run_dir)

@@ -232,6 +232,16 @@ def test_sigterm_with_the_exit_signal_handler_ends_an_idle_wait(tmp_path):
     assert code == 0 and "stopped waiting: SIGTERM received" in out, out[-3000:]
 
 
+def test_a_job_with_nothing_to_train_says_why_it_ends(tmp_path):
+    """An empty control directory and no idle wait: the job ends at once and says so (it used to say only
+    "done")."""
+    control = tmp_path / "control"
+    control.mkdir()
+    config = tr.write_yaml(tmp_path / "run.yaml", tr.run_config([], eval_interval=None, tenants_dir=str(control)))
+    code, out = tr.run_cli(config, timeout=60)
+    assert code == 0 and "no tenant running or queued at iteration 0: ending" in out, out[-3000:]
+
+
 def _startup_with_files(cfg: dict) -> dict:
     """A job (then its resume) started with files already in its control directory: what it runs and notes."""
     from megatron_multilora import metrics
