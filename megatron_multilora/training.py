@@ -450,16 +450,19 @@ class MultiLoRATrainer:
             while self.iteration < run.train_iters and self.train_iteration():
                 reason = self._exit.reason(self.iteration) if self.iteration < run.train_iters else None
                 if reason:
-                    if run.save and self._saved_iteration != self.iteration:
-                        self.save_checkpoint()
+                    self._save_unless_saved()
                     self.metrics.note(f"leaving at iteration {self.iteration}: {reason}; " + (
                         f"--load {run.save} resumes here" if run.save else "nothing saved (no --save)"))
                     return reason
             if not run.eval_interval or self.iteration % run.eval_interval:
                 self.evaluate()
-            if run.save and self._saved_iteration != self.iteration:
-                self.save_checkpoint()
+            self._save_unless_saved()
         return self._stopped_waiting
+
+    def _save_unless_saved(self) -> None:
+        """A run checkpoint of this iteration (with --save), unless one was written or loaded at it already."""
+        if self.run.save and self._saved_iteration != self.iteration:
+            self.save_checkpoint()
 
     def train_iteration(self) -> bool:
         """One iteration boundary to the next: tenants join / stop (control directory), one training step,
