@@ -14,22 +14,23 @@ import torch
 from . import model as model_lib
 from . import platform
 
-DEVICE_KEYS = ("tokens", "labels", "loss_mask")  # what the model and the loss compute with
+DEVICE_KEYS = ("tokens", "labels", "loss_mask", "loss_weights")  # what the model and the loss compute with
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """The micro-batch's model inputs and loss mask moved to `device`, in place (the data source builds them on
-    the host; slot ids and routing stay there: they are read on the host)."""
+    """The micro-batch's model inputs and loss mask / weights moved to `device`, in place (the data source builds
+    them on the host; slot ids and routing stay there: they are read on the host)."""
     for key in DEVICE_KEYS:
-        batch[key] = batch[key].to(device, non_blocking=True)
+        if key in batch:
+            batch[key] = batch[key].to(device, non_blocking=True)
     return batch
 
 
 def token_loss_func(batch: dict, per_token_loss: torch.Tensor):
-    """(loss sum, token count, {'lm loss': [sum, count]}): megatron's per-token loss contract."""
+    """(loss sum, token count, {'lm loss': [sum, count]}): megatron's per-token loss contract. The sum weighs each
+    token by its `loss_weights` (absent: its `loss_mask`, the plain lm loss); the count is the mask's."""
     loss_mask = batch["loss_mask"]
-    losses = per_token_loss.float() * loss_mask
-    loss_sum = losses.sum()
+    loss_sum = (per_token_loss.float() * batch.get("loss_weights", loss_mask)).sum()
     num_tokens = loss_mask.sum().to(torch.int)
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
 

@@ -101,18 +101,18 @@ def test_hf_tokenizer_encodes_samples_as_transformers_does(tmp_path):
     whole = reference.encode("Question: what is 2+2? Answer: 4")
     assert whole.tokens[0] == "<s>" and "Ġ4" in whole.tokens and len(whole.ids) > 3  # (not cut, not padded)
     for prompt, completion in (("Question: what is 2+2? Answer:", " 4"), ("Question: what is 2+2? Answer: ", "4")):
-        ids, mask = load_jsonl(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": prompt, "completion": completion}]),
+        ids, mask, _ = load_jsonl(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": prompt, "completion": completion}]),
                                tok)[0]
         assert ids.tolist() == whole.ids + [tok.eos_id]
         assert mask.tolist() == [0] * (len(whole.ids) - 1) + [1, 1]  # " 4" (one token, even across the seam), eos
-    ids, mask = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"text": "Answer: 4</s>"}]), tok)[0]
+    ids, mask, _ = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"text": "Answer: 4</s>"}]), tok)[0]
     assert ids.tolist() == reference.encode("Answer: 4</s>").ids and ids[-1] == tok.eos_id  # one eos
     assert ids[0] == reference.token_to_id("<s>") and mask[0] == 0 and mask[1:].all()  # the first word is trained
     # text that begins with the bos already (a chat template's output) gets no second one
-    ids, _ = load_jsonl(write_jsonl(tmp_path / "b.jsonl", [{"text": "<s>Answer: 4"}]), tok)[0]
+    ids, _, _ = load_jsonl(write_jsonl(tmp_path / "b.jsonl", [{"text": "<s>Answer: 4"}]), tok)[0]
     assert ids.tolist() == reference.encode("Answer: 4").ids + [tok.eos_id]
     # a role marker that takes the completion's leading newline stays the prompt's
-    ids, mask = load_jsonl(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Question<|assistant|>",
+    ids, mask, _ = load_jsonl(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Question<|assistant|>",
                                                                "completion": "\n4"}]), tok)[0]
     marker = ids.tolist().index(reference.token_to_id("<|assistant|>"))
     assert mask[marker] == 0 and mask[marker + 1:].all()
@@ -123,7 +123,7 @@ def test_a_post_processor_that_adds_eos_ends_samples_with_one_trained_eos(tmp_pa
     reference = _chat_bpe(tmp_path / "tokenizer.json", template="<s> $A </s>")
     tok = build_tokenizer(tmp_path)
     for record in ({"text": "Answer: 4"}, {"prompt": "Answer:", "completion": " 4"}):
-        ids, mask = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [record]), tok)[0]
+        ids, mask, _ = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [record]), tok)[0]
         assert ids.tolist() == reference.encode("Answer: 4").ids and ids.tolist().count(tok.eos_id) == 1
         assert ids[-1] == tok.eos_id and mask[-1] == 1
 
@@ -135,7 +135,7 @@ def test_the_eos_of_a_tokenizer_config_beside_the_file_is_the_models(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
     tok = build_tokenizer(tmp_path)
     assert tok.eos_id == reference.token_to_id("<|im_end|>") and "eos '<|im_end|>'" in tok.describe()
-    ids, _ = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Answer:", "completion": " 4"}]), tok)[0]
+    ids, _, _ = load_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Answer:", "completion": " 4"}]), tok)[0]
     assert ids[-1] == tok.eos_id and ids[0] != reference.token_to_id("<s>")  # (no template: no bos)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|not_there|>"}))
     with pytest.raises(ValueError, match="tokenizer_config.json: eos_token '<|not_there|>' is not in the vocab"):
@@ -235,6 +235,28 @@ def test_packing_keeps_masks_and_separates_documents(tmp_path):
     assert counted(packed) == counted(padded) == sorted([*b"bc", EOS, *b"z", EOS, 2, 3])
 
 
+def test_loss_weights_weigh_loss_tokens_only_and_follow_packing(tmp_path):
+    """A sample's loss_weights (one number, or one per id) land on its labels like its mask (shifted by one),
+    only on loss tokens; the mask (the tokens counted) does not change. Unweighted samples weigh 1."""
+    records = [
+        {"input_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1], "loss_weights": [9.0, 9.0, -0.5, 2]},
+        {"prompt": "a", "completion": "bc", "loss_weights": -1.5},
+        {"text": "xy"},
+    ]
+    path = write_jsonl(tmp_path / "w.jsonl", records)
+    ds = TenantDataset(path, TOK, seq_length=4)
+    assert ds[0]["loss_mask"].tolist() == [0, 1, 1, 0] and ds[0]["loss_weights"].tolist() == [0, -0.5, 2, 0]
+    assert ds[1]["loss_mask"].tolist() == [1, 1, 1, 0] and ds[1]["loss_weights"].tolist() == [-1.5] * 3 + [0]
+    assert ds[2]["loss_weights"].tolist() == ds[2]["loss_mask"].tolist() == [1, 1, 0, 0]
+    packed = TenantDataset(path, TOK, seq_length=5, pack=True)
+    rows = [packed[i] for i in range(len(packed))]
+    weights = {(r["labels"][j].item(), r["loss_weights"][j].item()) for r in rows for j in range(5)
+               if r["loss_mask"][j]}
+    assert weights == {(7, -0.5), (8, 2.0), (ord("b"), -1.5), (ord("c"), -1.5), (EOS, -1.5), (ord("y"), 1.0),
+                       (EOS, 1.0)}
+    assert sum(r["loss_mask"].sum().item() for r in rows) == 7  # the eos separator after [5..8] has no loss
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -251,6 +273,12 @@ def test_packing_keeps_masks_and_separates_documents(tmp_path):
         ('{"input_ids": [1, 2], "loss_mask": [1, 2]}', "must be 0 or 1"),
         ('{"input_ids": [1, 999]}', "outside the vocabulary"),
         ('{"input_ids": [7]}', "at least 2"),
+        ('{"input_ids": [1, 2], "loss_weights": [1]}', "loss_weights has 1 entries but input_ids has 2"),
+        ('{"input_ids": [1, 2], "loss_weights": [1, NaN]}', "'loss_weights' must be a number or a list of numbers"),
+        ('{"input_ids": [1, 2], "loss_weights": [1, true]}', "must be a number or a list of numbers"),
+        ('{"input_ids": [1, 2], "loss_weights": "1"}', "must be a number or a list of numbers"),
+        ('{"text": "ab", "loss_weights": [1, 2]}', "per-token weights need 'input_ids'"),
+        ('{"prompt": "a", "completion": "b", "loss_weights": Infinity}', "must be a number .*, all finite"),
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, line, message):

@@ -24,7 +24,8 @@ def data(tmp_path_factory):
     tasks = {
         "rev": lambda w: {"prompt": f"{w}=", "completion": w[::-1]},
         "up": lambda w: {"prompt": f"{w}=", "completion": w.upper()},
-        "txt": lambda w: {"text": f"the {w} sees the {w}."},
+        # a per-sample loss weight (an RL advantage's sign): the layout tests compare weighted gradients too
+        "txt": lambda w: {"text": f"the {w} sees the {w}.", "loss_weights": len(w) - 3.5},
         "mute": lambda w: {"input_ids": list(w.encode()), "loss_mask": [0] * (len(w) - 1) + [1]},
     }
     for name, make in tasks.items():
@@ -206,7 +207,7 @@ def test_idle_tenant_is_bitwise_untouched_and_nan_tenant_is_skipped(data):
 def _zero_token_probe(trainer, iters):
     """'mute' is planned every iteration but its samples have no loss token (as an RL batch can be): its slot
     must not move. (A file without any loss token is refused up front: tests/test_data.py.)"""
-    trainer.source._streams["mute"].dataset._mask[:] = 0
+    trainer.source._streams["mute"].dataset._targets[:] = 0  # (loss masks and weights)
     k, opt = trainer.table.slot_of("mute"), trainer.optimizer
     weights, state = [p[k].clone() for p in trainer.params], opt.slot_state(k)
     steps = [trainer.train_step()["per_tenant"] for _ in range(iters)]
@@ -228,6 +229,73 @@ def test_planned_tenant_without_loss_tokens_is_untouched(data):
         assert it["mute"]["learning-rate"] == 0.01  # step 0 of a constant-warmup cosine: the schedule stays put
     assert out["mute_steps"] == 0 and out["untouched"] and out["state_untouched"]
     assert _losses(out["steps"], "rev") == pytest.approx(_losses(alone, "rev"), rel=1e-5)
+
+
+def _weighted_gradient_probe(trainer, iters):
+    """One iteration's gradients (before the optimizer) of a tenant with per-token loss_weights beside a plain one,
+    and the same sums computed directly: the model's per-token losses times each token's weight, read from the
+    raw JSON (shifted to the labels by hand), backpropagated one micro-batch at a time."""
+    from megatron_multilora import model as M
+    from megatron_multilora.lora.routing import AdapterRouting
+
+    records = [json.loads(line) for line in Path(trainer.tenants["rl"].config.train_data).read_text().splitlines()]
+    seq = trainer.seq_length  # (the samples' ids are < 256, padding is not)
+    weight_of = {tuple(r["input_ids"]): [w * m for w, m in zip(r["loss_weights"][1:], r["loss_mask"][1:])]
+                 for r in records}
+    weight_of = {ids: torch.tensor(w + [0.0] * (seq - len(w))) for ids, w in weight_of.items()}
+    slot_of = {name: t.slot for name, t in trainer.tenants.items()}
+    with torch.no_grad():  # a nonzero B, so that A has a gradient too
+        g = torch.Generator().manual_seed(2)
+        for layer in trainer.table.layers:
+            for k in slot_of.values():
+                layer.lora_B[k].normal_(0.0, 0.1, generator=g)
+    plan = trainer.source.next_iteration(slot_of)
+    assert sorted(plan.tenants) == ["rev", "rl"]
+    rows = list(slot_of.values())
+    trainer.grads.zero(rows)
+    loss_sum, tokens = trainer._run_micro_batches(plan.micro_batches, forward_only=False)
+    got = [p.grad.clone() for p in trainer.params]
+    trainer.grads.zero(rows)
+    nll, counted = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    for mb in plan.micro_batches:
+        weights = torch.stack([
+            weight_of[tuple(i for i in t if i < 256)] if s == slot_of["rl"] else m.float()
+            for t, m, s in zip(mb["tokens"].tolist(), mb["loss_mask"], mb["slots"].tolist())])
+        with AdapterRouting(mb["slots"], trainer.table).active():
+            per_token = M.forward_micro_batch(trainer.model, mb["tokens"], mb["labels"])
+            (per_token * weights).sum().backward()
+        nll.index_add_(0, mb["slots"], (per_token.detach() * mb["loss_mask"]).sum(1).double())
+        counted.index_add_(0, mb["slots"], mb["loss_mask"].sum(1).double())
+    want = [p.grad.clone() for p in trainer.params]
+    return {"got": got, "want": want, "slots": slot_of, "loss": (loss_sum / tokens).tolist(),
+            "nll": (nll / counted).tolist(), "tokens": tokens.tolist(), "counted": counted.tolist()}
+
+
+def test_per_token_loss_weights_weigh_each_tokens_gradient(data, tmp_path):
+    """RL-style samples ({"input_ids", "loss_mask", "loss_weights"}, signed advantages, weights also where the mask
+    is 0) mixed with a plain tenant in one micro-batch: each slot's gradient sum is that of its tokens' NLL times
+    their weights (masked ones ignored), the token count and the logged loss stay the plain NLL's."""
+    import random
+
+    rng = random.Random(4)
+    records = []
+    for _ in range(6):
+        n = rng.randint(6, 14)
+        records.append({"input_ids": [rng.randrange(1, 256) for _ in range(n)], "loss_mask": [0] * 3 + [1] * (n - 3),
+                        "loss_weights": [round(rng.uniform(-2, 2), 3) for _ in range(n)]})
+    path = tmp_path / "rl.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cfg = run_config(data, tenants=("rev",))
+    cfg["tenants"].append(dict(name="rl", train_data=str(path), rank=8, alpha=16, lr=0.01, global_batch_size=6))
+    out = run_world(_train, 1, cfg, 1, _weighted_gradient_probe)[0]["probe"]
+    slots = sorted(out["slots"].values())
+    assert all(all(torch.count_nonzero(want[k]) > 0 for want in out["want"]) for k in slots)
+    for got, want in zip(out["got"], out["want"]):
+        for k in slots:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5 * want[k].abs().max().item())
+    for k in slots:
+        assert out["tokens"][k] == out["counted"][k] > 0
+        assert out["loss"][k] == pytest.approx(out["nll"][k], rel=1e-5)
 
 
 def _expected_lr(step, lr, min_lr, warmup, decay, style):
@@ -371,7 +439,7 @@ def test_micro_batches_are_moved_to_the_model_device():
     from megatron_multilora.schedule import DEVICE_KEYS, to_device
 
     batch = {"tokens": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long),
-             "loss_mask": torch.ones(2, 4), "slots": torch.tensor([0, 1])}
+             "loss_mask": torch.ones(2, 4), "loss_weights": torch.ones(2, 4), "slots": torch.tensor([0, 1])}
     moved = to_device(batch, torch.device("meta"))
     assert moved is batch and all(batch[k].device.type == "meta" for k in DEVICE_KEYS)
     assert batch["slots"].device.type == "cpu"

@@ -7,6 +7,12 @@ Each line is one sample in one of three formats:
 * ``{"input_ids": [...], "loss_mask": [...]}`` pre-tokenized, as RL frameworks hand it over
   (``loss_mask`` optional, all ones by default).
 
+Any of them may carry ``"loss_weights"``: each loss token's weight in the tenant's objective (a number for every
+loss token of the sample, or with ``input_ids`` one number per id; any sign, e.g. an RL advantage). The objective
+is the weighted sum of the loss tokens' negative log-likelihoods over the count of loss tokens, so the gradient is
+``-sum_t w_t grad log p(x_t) / N``: the policy gradient when w_t is the advantage (on-policy: no importance
+ratio). The logged ``lm loss`` stays the unweighted mean NLL.
+
 A Hugging Face tokenizer reads a sample as transformers does (its post-processor's bos first, if it has
 one) and a prompt with its completion as one text, the completion's tokens being those that hold any of its
 characters. eos is appended after text and completions (unless they end with it). A document's first token is
@@ -17,6 +23,7 @@ same tokens.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +34,11 @@ class DataError(ValueError):
     """A tenant data file cannot be used; the message names the file and, where it applies, the line."""
 
 
-def load_jsonl(path, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read and tokenize a tenant file into ``(ids, target_mask)`` pairs, one per sample.
+def load_jsonl(path, tokenizer) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Read and tokenize a tenant file into ``(ids, target_mask, target_weights)``, one per sample.
 
-    ``target_mask[j] == 1`` means token ``j`` is predicted with loss. Blank lines are skipped.
+    ``target_mask[j] == 1`` means token ``j`` is predicted with loss, with weight ``target_weights[j]`` (1 unless
+    the sample says otherwise; 0 wherever the mask is). Blank lines are skipped.
     """
     path = Path(path)
     if not path.is_file():
@@ -56,7 +64,7 @@ def load_jsonl(path, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     return samples
 
 
-def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     keys = {k for k in ("text", "prompt", "completion", "input_ids", "loss_mask") if k in record}
@@ -85,7 +93,25 @@ def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     if len(ids) < 2:
         raise ValueError(f"sample has {len(ids)} token(s); at least 2 are needed to predict anything")
     mask[0] = 0
-    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.float32)
+    mask = np.asarray(mask, dtype=np.float32)
+    weights = _loss_weights(record, len(ids), per_token="input_ids" in keys) if "loss_weights" in record else 1.0
+    return np.asarray(ids, dtype=np.int64), mask, (mask * weights).astype(np.float32)
+
+
+def _loss_weights(record: dict, length: int, per_token: bool) -> float | np.ndarray:
+    """A sample's loss_weights: one finite number, or (pre-tokenized samples) one per id."""
+    value = record["loss_weights"]
+    if isinstance(value, list) and per_token:
+        if len(value) != length:
+            raise ValueError(f"loss_weights has {len(value)} entries but input_ids has {length}")
+        numbers = value
+    else:
+        numbers = [value]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        form = "a number or a list of numbers (one per input id)" if per_token else \
+            "a number (the weight of every loss token; per-token weights need 'input_ids')"
+        raise ValueError(f"'loss_weights' must be {form}, all finite")
+    return np.asarray(value, dtype=np.float64)
 
 
 def _string(record: dict, key: str) -> str:
@@ -107,7 +133,8 @@ def _int_list(record: dict, key: str) -> list[int]:
 
 
 class TenantDataset:
-    """A tenant's samples as fixed-length ``tokens`` / ``labels`` / ``loss_mask`` rows, held in memory.
+    """A tenant's samples as fixed-length ``tokens`` / ``labels`` / ``loss_mask`` / ``loss_weights`` rows, held in
+    memory.
 
     Padding (default): one sample per row, truncated to ``seq_length + 1`` ids, padded with ``pad_id``.
     Packing (``pack=True``): the tenant's samples are concatenated (eos between documents) and cut into
@@ -127,33 +154,36 @@ class TenantDataset:
         self.pad_id = tokenizer.pad_id
         self.num_documents = len(samples)
         width = seq_length + 1
+        # Per id: [loss mask, loss weight] (as targets: both 0 at a document's first token and at padding).
+        targets = [np.stack([mask, weights], axis=1) for _, mask, weights in samples]
         if pack:
             eos = tokenizer.eos_id
             # Text and completions already end with eos; pre-tokenized samples may not.
-            ended = [(i, m) if i[-1] == eos else (np.append(i, eos), np.append(m, 0)) for i, m in samples]
+            ended = [(i, t) if i[-1] == eos else (np.append(i, eos), np.append(t, [[0, 0]], axis=0))
+                     for (i, _, _), t in zip(samples, targets)]
             ids = np.concatenate([i for i, _ in ended])
-            mask = np.concatenate([m for _, m in ended]).astype(np.float32)
+            target = np.concatenate([t for _, t in ended]).astype(np.float32)
             rows = (len(ids) - 2) // seq_length + 1  # ceil((len - 1) / seq_length): labels are ids[1:]
             span = rows * seq_length + 1
             ids = np.concatenate([ids, np.full(span - len(ids), self.pad_id, dtype=np.int64)])
-            mask = np.concatenate([mask, np.zeros(span - len(mask), dtype=np.float32)])
+            target = np.concatenate([target, np.zeros((span - len(target), 2), dtype=np.float32)])
             index = np.arange(rows)[:, None] * seq_length + np.arange(width)
-            self._ids, self._mask = ids[index], mask[index]
+            self._ids, self._targets = ids[index], target[index]
             lengths = np.array([len(i) for i, _ in ended])
             ends = np.cumsum(lengths)  # window r holds ids [r * seq_length, (r + 1) * seq_length]
             self.cut = int(((ends - 2) // seq_length != (ends - lengths) // seq_length).sum())
             self.cut_without_loss = 0
         else:
             self._ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
-            self._mask = np.zeros((len(samples), width), dtype=np.float32)
+            self._targets = np.zeros((len(samples), width, 2), dtype=np.float32)
             self.cut = self.cut_without_loss = 0
-            for row, (ids, mask) in enumerate(samples):
+            for row, ((ids, mask, _), target) in enumerate(zip(samples, targets)):
                 n = min(len(ids), width)
-                self._ids[row, :n], self._mask[row, :n] = ids[:n], mask[:n]
+                self._ids[row, :n], self._targets[row, :n] = ids[:n], target[:n]
                 if n < len(ids):
                     self.cut += 1
                     self.cut_without_loss += int(not mask[1:n].any())
-        if not self._mask[:, 1:].any():  # a tenant that could never take a step
+        if not self._targets[:, 1:, 0].any():  # a tenant that could never take a step
             raise DataError(f"{path}: no sample has a token with loss within seq_length {seq_length} (every "
                             "loss_mask is 0, or every prompt fills the sequence)")
 
@@ -170,9 +200,10 @@ class TenantDataset:
         return len(self._ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids, mask = self._ids[i], self._mask[i]
+        ids, targets = self._ids[i], self._targets[i, 1:]
         return {
             "tokens": torch.tensor(ids[:-1]),
             "labels": torch.tensor(ids[1:]),
-            "loss_mask": torch.tensor(mask[1:]),
+            "loss_mask": torch.tensor(targets[:, 0]),
+            "loss_weights": torch.tensor(targets[:, 1]),
         }

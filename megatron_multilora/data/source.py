@@ -25,7 +25,7 @@ class IterationPlan:
     iteration: int  # 1-based: the plan for the first iteration has iteration == 1
     tenants: list[str]  # stepping tenants, in slot order
     samples_per_tenant: dict[str, int]  # global counts (all DP ranks)
-    micro_batches: list[dict[str, torch.Tensor]]  # this DP rank's share: tokens, labels, loss_mask, slots
+    micro_batches: list[dict[str, torch.Tensor]]  # this DP rank's share: tokens, labels, loss mask / weights, slots
     num_micro_batches: int  # the same on every DP rank
     exhausted: list[str] = field(default_factory=list)  # tenants whose last epoch ended in this iteration
 
@@ -98,8 +98,8 @@ class MultiAdapterDataSource:
     """Per-tenant deterministic streams, mixed into one plan per iteration.
 
     ``tenants`` maps name -> ``(dataset, global_batch_size)`` (or with a third item, ``max_epochs``). A
-    dataset needs ``__len__``, ``__getitem__`` returning tokens / labels / loss_mask, and the attributes
-    ``seq_length`` and ``pad_id``.
+    dataset needs ``__len__``, ``__getitem__`` returning tokens / labels / loss_mask / loss_weights, and the
+    attributes ``seq_length`` and ``pad_id``.
 
     With ``max_samples_per_iteration`` only tenants whose batches fit step; the others wait. Tenants go in
     order of the iteration they last stepped in (longest wait first), then fewest steps, then name, and
@@ -266,6 +266,7 @@ class MultiAdapterDataSource:
             "tokens": torch.full((seq,), pad, dtype=torch.long),
             "labels": torch.full((seq,), pad, dtype=torch.long),
             "loss_mask": torch.zeros(seq, dtype=torch.float32),
+            "loss_weights": torch.zeros(seq, dtype=torch.float32),
         }
         rows, slots = [], []
         for entry in entries:
