@@ -599,6 +599,11 @@ def _resolve_tenant_paths(tenant, base_dir: Path | None):
     return {k: _resolve_path(v, base_dir) if k in _TENANT_INPUT_PATHS else v for k, v in tenant.items()}
 
 
+def _not_a_directory(key: str, path) -> str:
+    """The problem with `path`, which is not a directory: missing, or something else (a file given by mistake)."""
+    return f"{key}: {'not a directory' if Path(path).exists() else 'directory not found'}: {path}"
+
+
 def _read_yaml_mapping(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
@@ -941,7 +946,7 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
     elif m.vocab_size < 258:  # ByteTokenizer.vocab_size
         problems.append(f"the byte-level tokenizer needs model.vocab_size >= 258, got {m.vocab_size}")
     if run.tenants_dir is not None and not Path(run.tenants_dir).is_dir():
-        problems.append(f"tenants_dir: directory not found: {run.tenants_dir}")
+        problems.append(_not_a_directory("tenants_dir", run.tenants_dir))
     if not run.tenants_dir_idle_wait >= 0:  # also refuses NaN
         problems.append(f"tenants_dir_idle_wait must be >= 0 seconds, got {run.tenants_dir_idle_wait}")
     elif run.tenants_dir_idle_wait and run.tenants_dir is None:
@@ -949,7 +954,7 @@ def validate(run: RunConfig, world_size: int = 1) -> RunConfig:
 
     # checkpointing and outputs: problems a run would otherwise meet only at its first save, or after training
     if run.load_base is not None and not Path(run.load_base).is_dir():
-        problems.append(f"load_base: directory not found: {run.load_base}")
+        problems.append(_not_a_directory("load_base", run.load_base))
     elif run.load_base is not None:
         from .checkpointing import resolve_base_dir
 
@@ -1059,7 +1064,7 @@ def _checkpoint_dir_problems(run: RunConfig) -> list[str]:
                         "give another --save directory")
     if load is not None and not same:
         if not load.is_dir():
-            problems.append(f"load: directory not found: {load}")
+            problems.append(_not_a_directory("load", load))
         elif resumed is None and not (load / TENANTS_DIR).is_dir():
             hint = (f": it is a PEFT adapter -- convert it first with tools/convert_checkpoint.py import-peft "
                     f"--peft-dir {load} --save SAVE ..., then --load SAVE"
@@ -1100,8 +1105,7 @@ def _base_model_problems(run: RunConfig) -> list[str]:
         return [f"load_base: {e}"]
     if theirs is None:
         return []  # (a base that names no model: the run's model section says what it is)
-    changed = field_changes(theirs.to_dict(), {k: v for k, v in run.model.to_dict().items()
-                                               if k not in _FREE_MODEL_FIELDS + _RANDOM_BASE_FIELDS})
+    changed = base_model_changes({"model": theirs.to_dict()}, run.model)
     if not changed:
         return []
     return [f"load_base: {run.load_base} holds another model than the run's: {', '.join(changed)} (leave the "
@@ -1125,6 +1129,15 @@ def base_identity(run: RunConfig) -> dict:
         return {"model": model, "load_base": str(where.resolve())}
     return {"model": model, "load_base": None, "seed": run.seed, "layout": [
         run.tensor_model_parallel_size, run.pipeline_model_parallel_size, run.expert_model_parallel_size]}
+
+
+def base_model_changes(saved: dict | None, model: ModelConfig) -> list[str]:
+    """What `model` changes against the base a checkpoint records (a base_identity; None: not recorded), in the
+    fields its weights depend on."""
+    if saved is None:
+        return []
+    return field_changes(saved["model"], {k: v for k, v in model.to_dict().items()
+                                          if k not in _FREE_MODEL_FIELDS + _RANDOM_BASE_FIELDS})
 
 
 def tokenizer_identity(run: RunConfig) -> dict:

@@ -121,7 +121,7 @@ class MultiLoRATrainer:
         # The config file's tenants' data is read first: a bad file fails before any process group or model
         # exists. (The control directory's tenants are read when they start.)
         self._preloaded: dict[tuple[str, bool], TenantDataset] = {}
-        self._noted_cuts: set[tuple[str, bool]] = set()
+        self._noted_files: set[tuple[str, bool]] = set()
         for tc in run.tenants:
             for path, pack in ((tc.train_data, run.pack_sequences), (tc.valid_data, False)):
                 if path is not None:
@@ -392,13 +392,15 @@ class MultiLoRATrainer:
         )
 
     def _dataset(self, path: str, pack: bool = False) -> TenantDataset:
-        """A tenant data file as a dataset: the one read at start, once, else read now. Samples cut to fit
-        seq_length are said (once per file), with those left with no loss: they count in batches, train nothing."""
+        """A tenant data file as a dataset: the one read at start, once, else read now. What the dataset notes
+        (samples cut to fit seq_length -- those left with no loss count in batches and train nothing --, packed
+        prompts) is said once per file."""
         found = self._preloaded.pop((path, pack), None)
         dataset = found if found is not None else TenantDataset(path, self.tokenizer, self.seq_length, pack=pack)
-        if dataset.cut and (path, pack) not in self._noted_cuts:
-            self._noted_cuts.add((path, pack))
-            self.metrics.note(dataset.cuts_said())
+        if (path, pack) not in self._noted_files:
+            self._noted_files.add((path, pack))
+            for sentence in dataset.notes():
+                self.metrics.note(sentence)
         return dataset
 
     # ---- evaluation ------------------------------------------------------------------------------------

@@ -490,6 +490,8 @@ def test_tenant_file_errors_use_the_same_validation(raw, tmp_path, data):
         load_tenant_file(tmp_path / "typo.yaml")
     with pytest.raises(ConfigError, match=r"tenants_dir: directory not found: .*missing"):
         check({**raw, "tenants_dir": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match=r"tenants_dir: not a directory: .*typo\.yaml"):  # (a tenant file given)
+        check({**raw, "tenants_dir": str(tmp_path / "typo.yaml")})
 
 
 # ---------------------------------------------------------------------------------------------- command line

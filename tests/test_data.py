@@ -199,7 +199,7 @@ def test_cut_samples_are_counted(tmp_path):
     records = [{"prompt": "x" * 12, "completion": "y"}, {"text": "abcdefghij"}, {"text": "ab"}]
     ds = TenantDataset(write_jsonl(tmp_path / "t.jsonl", records), TOK, seq_length=6)
     assert (ds.cut, ds.cut_without_loss) == (2, 1)
-    assert ds.cuts_said().endswith("2 of 3 samples are longer than seq_length 6 and cut, 1 of them left with no "
+    assert ds.notes()[0].endswith("2 of 3 samples are longer than seq_length 6 and cut, 1 of them left with no "
                                    "token with loss")
     packed = TenantDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": "abc"}, {"text": "defgh"}]), TOK,
                            seq_length=4, pack=True)  # ids abc. | defgh. : the second crosses a window edge
@@ -233,6 +233,11 @@ def test_packing_keeps_masks_and_separates_documents(tmp_path):
 
     # packing puts loss on exactly the tokens padding does: not on a document's first token, not on prompts
     assert counted(packed) == counted(padded) == sorted([*b"bc", EOS, *b"z", EOS, 2, 3])
+    # (the prompt of the first sample is packed after nothing, but a user is told: packing is meant for text)
+    assert packed.notes()[-1] == (f"{path}: 1 of 3 packed samples have a prompt (tokens without loss): their "
+                                  "completions attend to the samples packed before them too (--pack-sequences is "
+                                  "meant for plain text)")
+    assert padded.notes() == []
 
 
 def test_loss_weights_weigh_loss_tokens_only_and_follow_packing(tmp_path):

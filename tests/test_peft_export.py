@@ -337,6 +337,14 @@ def test_trainer_resumes_an_imported_tenant(results):
     loaded, (spec, saved), _ = run_world(_trainer_resumes, 1, str(results["root"]), fields, data)[0]
     assert _same(loaded, out["foreign_tensors"])
     assert _same(saved, out["foreign_tensors"]) and (spec.rank, spec.alpha, spec.target_modules) == out["foreign_spec"]
+    # exported against another model than the one it trained on: named, with the base it recorded (this was
+    # "adapter tensor ... names no LoRA layer of this model config"), nothing written
+    root = results["root"]
+    wrong = _cli("export-peft", "--tenant-checkpoint", str(root / "save_resumed" / "tenants" / "foreign"),
+                 "--model", "tiny-dense", "--out", str(root / "wrong_peft"))
+    assert wrong.returncode == 2 and not (root / "wrong_peft").exists()
+    assert "tenant 'foreign' was trained on another model than the one given: num_layers" in wrong.stderr
+    assert wrong.stderr.rstrip().endswith(f"(give its base: --base {(root / 'base_llama').resolve()})")
     # imported for a bf16 base (import-peft writes the base's dtype): the fp32 adapter is kept as its masters --
     # every bit, not the bf16 rounding -- which export-peft reads, an fp32 run takes as its weights, and a bf16
     # run trains (its own checkpoint's masters, read back)

@@ -148,10 +148,17 @@ def add_export_peft(subparsers) -> None:
 
 def run_export_peft(args) -> int:
     from megatron_multilora import adapter_checkpoint, checkpointing, peft
+    from megatron_multilora.config import base_model_changes
 
     checkpointing.require_empty_dir(args.out)
     mc, arch = _model_source(args)
     spec, tensors, meta = adapter_checkpoint.read_tenant_checkpoint(args.tenant_checkpoint, with_meta=True)
+    changes = base_model_changes(meta.get("base"), mc)  # (checkpoints that do not record it: taken as they are)
+    if changes:
+        trained_on = meta["base"].get("load_base")
+        raise ValueError(
+            f"export-peft: tenant {meta.get('name')!r} was trained on another model than the one given: "
+            f"{', '.join(changes)} (give its base" + (f": --base {trained_on})" if trained_on else ")"))
     state, config = peft.export_peft(tensors, spec, mc, arch, base_model_name_or_path=args.base_model_name_or_path)
     peft.write_peft_dir(args.out, state, config)
     _log(

@@ -142,7 +142,8 @@ class TenantDataset:
     window is padded. Attention is not reset at document boundaries, and a document may be cut between two
     windows (megatron's pretraining data without --reset-attention-mask: for plain text, not prompt /
     completion pairs). ``cut`` counts the samples truncated (padding) or cut between windows (packing);
-    ``cut_without_loss`` those of them left with no token with loss (padding).
+    ``cut_without_loss`` those of them left with no token with loss (padding); ``prompted`` the packed samples
+    with tokens without loss past their first.
     """
 
     def __init__(self, path, tokenizer, seq_length: int, *, pack: bool = False):
@@ -173,10 +174,11 @@ class TenantDataset:
             ends = np.cumsum(lengths)  # window r holds ids [r * seq_length, (r + 1) * seq_length]
             self.cut = int(((ends - 2) // seq_length != (ends - lengths) // seq_length).sum())
             self.cut_without_loss = 0
+            self.prompted = sum(not mask[1:].all() for _, mask, _ in samples)
         else:
             self._ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
             self._targets = np.zeros((len(samples), width, 2), dtype=np.float32)
-            self.cut = self.cut_without_loss = 0
+            self.cut = self.cut_without_loss = self.prompted = 0
             for row, ((ids, mask, _), target) in enumerate(zip(samples, targets)):
                 n = min(len(ids), width)
                 self._ids[row, :n], self._targets[row, :n] = ids[:n], target[:n]
@@ -187,14 +189,21 @@ class TenantDataset:
             raise DataError(f"{path}: no sample has a token with loss within seq_length {seq_length} (every "
                             "loss_mask is 0, or every prompt fills the sequence)")
 
-    def cuts_said(self) -> str:
-        """The samples cut to fit, in a sentence for the log."""
-        if self.packed:
-            return (f"{self.path}: {self.cut} of {self.num_documents} samples are cut between two packed sequences "
-                    f"of {self.seq_length} tokens (attention does not reach across them)")
-        lost = f", {self.cut_without_loss} of them left with no token with loss" if self.cut_without_loss else ""
-        return (f"{self.path}: {self.cut} of {self.num_documents} samples are longer than seq_length "
-                f"{self.seq_length} and cut{lost}")
+    def notes(self) -> list[str]:
+        """What the log says about this file (once): the samples cut to fit, and packed samples with a prompt."""
+        said = []
+        if self.cut and self.packed:
+            said.append(f"{self.path}: {self.cut} of {self.num_documents} samples are cut between two packed "
+                        f"sequences of {self.seq_length} tokens (attention does not reach across them)")
+        elif self.cut:
+            lost = f", {self.cut_without_loss} of them left with no token with loss" if self.cut_without_loss else ""
+            said.append(f"{self.path}: {self.cut} of {self.num_documents} samples are longer than seq_length "
+                        f"{self.seq_length} and cut{lost}")
+        if self.prompted:
+            said.append(f"{self.path}: {self.prompted} of {self.num_documents} packed samples have a prompt (tokens "
+                        "without loss): their completions attend to the samples packed before them too "
+                        "(--pack-sequences is meant for plain text)")
+        return said
 
     def __len__(self) -> int:
         return len(self._ids)
