@@ -27,12 +27,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def token_loss_func(batch: dict, per_token_loss: torch.Tensor):
-    """(loss sum, token count, {'lm loss': [sum, count]}): megatron's per-token loss contract. The sum weighs each
-    token by its `loss_weights` (absent: its `loss_mask`, the plain lm loss); the count is the mask's."""
+    """(loss sum, token count, {'lm loss': [NLL sum, count]}): megatron's per-token loss contract. The loss sum
+    weighs each token by its `loss_weights` (absent: its `loss_mask`, the plain lm loss); the count is the mask's."""
     loss_mask = batch["loss_mask"]
     loss_sum = (per_token_loss.float() * batch.get("loss_weights", loss_mask)).sum()
+    nll_sum = (per_token_loss.detach().float() * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
+    return loss_sum, num_tokens, {"lm loss": torch.stack([nll_sum, num_tokens.detach().float()])}
 
 
 def forward_backward(

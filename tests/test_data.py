@@ -279,11 +279,16 @@ def test_loss_weights_weigh_loss_tokens_only_and_follow_packing(tmp_path):
         ('{"input_ids": [1, 999]}', "outside the vocabulary"),
         ('{"input_ids": [7]}', "at least 2"),
         ('{"input_ids": [1, 2], "loss_weights": [1]}', "loss_weights has 1 entries but input_ids has 2"),
-        ('{"input_ids": [1, 2], "loss_weights": [1, NaN]}', "'loss_weights' must be a number or a list of numbers"),
+        ('{"input_ids": [1, 2], "loss_weights": [1, NaN]}', "'loss_weights' holds nan, not a finite float32"),
+        ('{"input_ids": [1, 2], "loss_weights": [1, 1e39]}', "holds 1e\\+39, not a finite float32"),  # (float32 inf)
+        ('{"input_ids": [1, 2], "loss_weights": [1, 1' + '0' * 400 + ']}', "holds 100000000000\\.\\.\\., not a finite float32"),
         ('{"input_ids": [1, 2], "loss_weights": [1, true]}', "must be a number or a list of numbers"),
         ('{"input_ids": [1, 2], "loss_weights": "1"}', "must be a number or a list of numbers"),
-        ('{"text": "ab", "loss_weights": [1, 2]}', "per-token weights need 'input_ids'"),
-        ('{"prompt": "a", "completion": "b", "loss_weights": Infinity}', "must be a number .*, all finite"),
+        ('{"text": "ab", "loss_weights": [1, 2]}', "must be one number here .*per-token weights need 'input_ids'"),
+        ('{"prompt": "a", "completion": "b", "loss_weights": Infinity}', "holds inf, not a finite float32"),
+        ('{"prompt": "a", "completion": "b", "loss_weights": null}', "'loss_weights' must be a number$"),
+        ('{"input_ids": [1, 2], "advantages": [0, 1]}', "unknown key 'advantages': .* are 'loss_weights'"),
+        ('{"text": "ab", "loss_weight": 2}', "unknown key 'loss_weight'"),
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, line, message):

@@ -8,10 +8,12 @@ Each line is one sample in one of three formats:
   (``loss_mask`` optional, all ones by default).
 
 Any of them may carry ``"loss_weights"``: each loss token's weight in the tenant's objective (a number for every
-loss token of the sample, or with ``input_ids`` one number per id; any sign, e.g. an RL advantage). The objective
-is the weighted sum of the loss tokens' negative log-likelihoods over the count of loss tokens, so the gradient is
-``-sum_t w_t grad log p(x_t) / N``: the policy gradient when w_t is the advantage (on-policy: no importance
-ratio). The logged ``lm loss`` stays the unweighted mean NLL.
+loss token of the sample, or with ``input_ids`` one number per id; any sign, e.g. an RL advantage; ignored where
+the mask is 0). The tenant's objective in a step is the weighted sum of its loss tokens' negative log-likelihoods
+over N, the count of its loss tokens in the whole global batch (weight 0 included), so its gradient is
+``-sum_t w_t grad log p(x_t) / N``: the policy gradient when w_t is the advantage and the samples come from the
+adapter as it is at that step (no importance ratio, clipping or KL term). The logged ``lm loss`` stays the
+unweighted mean NLL.
 
 A Hugging Face tokenizer reads a sample as transformers does (its post-processor's bos first, if it has
 one) and a prompt with its completion as one text, the completion's tokens being those that hold any of its
@@ -64,10 +66,17 @@ def load_jsonl(path, tokenizer) -> list[tuple[np.ndarray, np.ndarray, np.ndarray
     return samples
 
 
+# Keys a user may give meaning loss_weights: refused (ignored, every weight would silently be 1).
+_NEAR_LOSS_WEIGHTS = ("loss_weight", "weights", "weight", "advantages", "advantage")
+
+
 def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     keys = {k for k in ("text", "prompt", "completion", "input_ids", "loss_mask") if k in record}
+    near = next((k for k in _NEAR_LOSS_WEIGHTS if k in record), None)
+    if near is not None and "loss_weights" not in record:  # (other keys, e.g. an id, are the user's own)
+        raise ValueError(f"unknown key '{near}': per-token loss weights (advantages) are 'loss_weights'")
     if keys in ({"text"}, {"prompt", "completion"}):
         prompt, trained_text = (("", _string(record, "text")) if keys == {"text"} else
                                 (_string(record, "prompt"), _string(record, "completion")))
@@ -99,19 +108,26 @@ def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _loss_weights(record: dict, length: int, per_token: bool) -> float | np.ndarray:
-    """A sample's loss_weights: one finite number, or (pre-tokenized samples) one per id."""
+    """A sample's loss_weights: one number, or (pre-tokenized samples) one per id; finite in float32."""
     value = record["loss_weights"]
     if isinstance(value, list) and per_token:
         if len(value) != length:
             raise ValueError(f"loss_weights has {len(value)} entries but input_ids has {length}")
         numbers = value
+    elif isinstance(value, list):
+        raise ValueError("'loss_weights' must be one number here (the weight of every loss token): per-token "
+                         "weights need 'input_ids'")
     else:
         numbers = [value]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
-        form = "a number or a list of numbers (one per input id)" if per_token else \
-            "a number (the weight of every loss token; per-token weights need 'input_ids')"
-        raise ValueError(f"'loss_weights' must be {form}, all finite")
-    return np.asarray(value, dtype=np.float64)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise ValueError("'loss_weights' must be " + ("a number or a list of numbers (one per input id)" if per_token
+                                                      else "a number"))
+    with np.errstate(over="ignore"):  # (said below)
+        weights = np.array([v if abs(v) < 1e300 else math.inf for v in numbers], dtype=np.float32)
+    if not np.isfinite(weights).all():
+        bad = repr(numbers[int(np.flatnonzero(~np.isfinite(weights))[0])])
+        raise ValueError(f"'loss_weights' holds {bad if len(bad) <= 20 else bad[:12] + '...'}, not a finite float32")
+    return weights if isinstance(value, list) else weights[0]
 
 
 def _string(record: dict, key: str) -> str:
