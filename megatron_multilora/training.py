@@ -462,9 +462,14 @@ class MultiLoRATrainer:
         return self._stopped_waiting
 
     def _save_unless_saved(self) -> None:
-        """A run checkpoint of this iteration (with --save), unless one was written or loaded at it already."""
+        """A run checkpoint of this iteration (with --save), unless one was written or loaded at it already, or
+        nothing was trained (a job that ends at iteration 0 leaves --save as it was: the same command runs again,
+        rather than being told to resume a checkpoint of nothing)."""
         if self.run.save and self._saved_iteration != self.iteration:
-            self.save_checkpoint()
+            if self.iteration == 0:
+                self.metrics.note(f"nothing trained: no run checkpoint written to {self.run.save}")
+            else:
+                self.save_checkpoint()
 
     def train_iteration(self) -> bool:
         """One iteration boundary to the next: tenants join / stop (control directory), one training step,

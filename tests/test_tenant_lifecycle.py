@@ -234,12 +234,16 @@ def test_sigterm_with_the_exit_signal_handler_ends_an_idle_wait(tmp_path):
 
 def test_a_job_with_nothing_to_train_says_why_it_ends(tmp_path):
     """An empty control directory and no idle wait: the job ends at once and says so (it used to say only
-    "done")."""
-    control = tmp_path / "control"
+    "done"), and leaves --save empty: it wrote a run checkpoint of iteration 0, and the same command, run again once
+    tenants were there, was told to resume that."""
+    control, save = tmp_path / "control", tmp_path / "save"
     control.mkdir()
-    config = tr.write_yaml(tmp_path / "run.yaml", tr.run_config([], eval_interval=None, tenants_dir=str(control)))
+    config = tr.write_yaml(tmp_path / "run.yaml", tr.run_config([], eval_interval=None, tenants_dir=str(control),
+                                                                save=str(save)))
     code, out = tr.run_cli(config, timeout=60)
     assert code == 0 and "no tenant running or queued at iteration 0: ending" in out, out[-3000:]
+    assert f"nothing trained: no run checkpoint written to {save}" in out
+    assert not save.exists() or not any(save.iterdir())
 
 
 def _startup_with_files(cfg: dict) -> dict:
