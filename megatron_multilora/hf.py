@@ -502,15 +502,15 @@ def load_into(gpt, tensors: Iterator[tuple[str, torch.Tensor]], source_keys: lis
 
 
 def _copy_tokenizer(hf_dir, out_dir, log) -> None:
-    """The model's tokenizer.json (and tokenizer_config.json: its eos token) go next to the base, so a run
-    needs only the base (``--load-base`` takes it)."""
+    """The model's tokenizer.json (and tokenizer_config.json: its eos token and chat template; a chat_template.jinja)
+    go next to the base, so a run needs only the base (``--load-base`` takes it)."""
     source = Path(hf_dir) / "tokenizer.json"
     if source.is_file():
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (Path(hf_dir) / name).is_file():
-                shutil.copyfile(Path(hf_dir) / name, Path(out_dir) / name)
-        log(f"copied tokenizer.json (and tokenizer_config.json, if any): train with --load-base {out_dir} (which "
-            "takes it)")
+        copied = [name for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+                  if (Path(hf_dir) / name).is_file()]
+        for name in copied:
+            shutil.copyfile(Path(hf_dir) / name, Path(out_dir) / name)
+        log(f"copied {', '.join(copied)}: train with --load-base {out_dir} (which takes it)")
     else:
         log("note: the Hugging Face directory has no tokenizer.json: give --tokenizer when training")
 

@@ -142,6 +142,78 @@ def test_the_eos_of_a_tokenizer_config_beside_the_file_is_the_models(tmp_path):
         build_tokenizer(tmp_path)
 
 
+# ChatML-like, with transformers' generation tags around what the assistant says (its own mask follows them).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}"
+    "{{ m['content'] }}{{ eos_token }}{% endgeneration %}\n{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Question: what is 2+2?"},
+                {"role": "assistant", "content": "Answer: 4"}, {"role": "user", "content": "And 4 4?"},
+                {"role": "assistant", "content": "4 4"}]
+
+
+def _chat_tokenizer(directory, template=CHAT_TEMPLATE, as_file=False):
+    _chat_bpe(directory / "tokenizer.json")
+    config = {"bos_token": "<s>", "eos_token": "</s>"}
+    if as_file:
+        (directory / "chat_template.jinja").write_text(template)
+        config["chat_template"] = "{{ raise_exception('the tokenizer_config.json one') }}"  # (the file wins)
+    else:
+        config["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return build_tokenizer(directory)
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_messages_are_encoded_as_transformers_apply_chat_template_does(tmp_path, as_file):
+    """Ids as transformers' apply_chat_template(tokenize=True) gives them; loss on the tokens its assistant mask
+    (from the template's generation tags) marks -- found here without the tags, from where the template's prompt for
+    each assistant turn ends; the role marker that eats the newline after it stays the prompt's."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _chat_tokenizer(tmp_path, as_file=as_file)
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>",
+                                        eos_token="</s>")
+    reference.chat_template = CHAT_TEMPLATE
+    want = reference.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+    ids, mask, weights = load_jsonl(write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": CONVERSATION, "loss_weights": 0.5}]), tok)[0]
+    assert ids.tolist() == want["input_ids"] and mask.tolist() == want["assistant_masks"]
+    assert mask.sum() == 4 + 3 and ids[-1] == tok.eos_id and mask[-1] == 1  # Answer : Ġ4 </s>, 4 Ġ4 </s>
+    assert weights.tolist() == (0.5 * mask).tolist()
+    item = TenantDataset(tmp_path / "chat.jsonl", tok, seq_length=len(ids) + 3)[0]  # shifted to labels, padded
+    assert item["labels"].tolist()[:len(ids) - 1] == ids[1:].tolist()
+    assert item["loss_mask"].tolist() == mask[1:].tolist() + [0] * 4
+
+
+@pytest.mark.parametrize("messages, template, message", [
+    ([{"role": "user", "content": "Answer: 4"}], CHAT_TEMPLATE, "'messages' has no assistant message with content"),
+    ("hi", CHAT_TEMPLATE, "'messages' must be a non-empty list"),
+    ([{"content": "x"}], CHAT_TEMPLATE, r"messages\[0\] must be an object with a string 'role'"),
+    ([{"role": "user", "content": ["x"]}], CHAT_TEMPLATE, r"'messages\[0\]\.content' must be a string, got list"),
+    (CONVERSATION, "{{ raise_exception('no system role') }}", "the chat template fails on these messages: no system"),
+    # a template that renders earlier assistant turns differently once a later one exists (as some reasoning
+    # models' drop their thinking): no one token sequence holds every turn as it was trained
+    (CONVERSATION, "{% for m in messages %}{% if not loop.last %}{{ m['content'][:3] }}{% else %}{{ m['content'] }}"
+                   "{% endif %}{% endfor %}", "the chat template does not render the conversation up to message 2 as the "
+                                           "beginning"),
+])
+def test_bad_conversations_are_named(tmp_path, messages, template, message):
+    tok = _chat_tokenizer(tmp_path, template)
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 1: " + message):
+        load_jsonl(write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}]), tok)
+
+
+def test_messages_without_a_chat_template_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    with pytest.raises(DataError, match="the byte-level tokenizer has none"):
+        load_jsonl(path, TOK)
+    _chat_bpe(tmp_path / "tokenizer.json")
+    with pytest.raises(DataError, match=f"chat template: none beside {tmp_path / 'tokenizer.json'}"):
+        load_jsonl(path, build_tokenizer(tmp_path))
+
+
 def test_a_string_the_tokenizer_cannot_take_is_named_with_its_line(tmp_path):
     _chat_bpe(tmp_path / "tokenizer.json")
     path = tmp_path / "bad.jsonl"

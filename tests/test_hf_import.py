@@ -140,6 +140,7 @@ def results(tmp_path_factory):
 
     Tokenizer(models.WordLevel({"</s>": 0, **{f"w{i}": i for i in range(1, 40)}}, unk_token="w1")).save(
         str(Path(hf_dirs["llama"]) / "tokenizer.json"))
+    (Path(hf_dirs["llama"]) / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
 
     cli = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "import-hf",
@@ -180,14 +181,15 @@ def test_megatron_lm_save_dir_loads(results, name):
 
 
 def test_tokenizer_travels_with_the_base(results, tmp_path):
-    """import-hf copies the model's tokenizer.json next to the base, and `--load-base B --tokenizer B` is a valid
-    run (the launch scripts pass exactly that); a model without one gets none. Without --tokenizer a run takes
-    the base's (the byte-level one would feed the base unrelated token ids); `--tokenizer byte` keeps it."""
+    """import-hf copies the model's tokenizer.json (and chat template) next to the base, and `--load-base B
+    --tokenizer B` is a valid run (the launch scripts pass exactly that); a model without one gets none. Without
+    --tokenizer a run takes the base's (the byte-level one would feed the base unrelated token ids); `--tokenizer byte` keeps it."""
     from megatron_multilora.arguments import parse_run_config
     from megatron_multilora.checkpointing import load_base_model_config
 
     base, hf_dir = Path(results["base_dirs"]["llama"]), Path(results["hf_dirs"]["llama"])
-    assert (base / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    for name in ("tokenizer.json", "chat_template.jinja"):  # (a chat template: what 'messages' samples need)
+        assert (base / name).read_bytes() == (hf_dir / name).read_bytes()
     assert not (Path(results["base_dirs"]["qwen2"]) / "tokenizer.json").exists()
     data = tmp_path / "a.jsonl"
     data.write_text('{"text": "w1 w2 w3"}\n')

@@ -1,9 +1,11 @@
 """One tenant's training data: a JSONL file turned into fixed-length causal-LM arrays.
 
-Each line is one sample in one of three formats:
+Each line is one sample in one of four formats:
 
 * ``{"text": ...}``                         loss on every token;
 * ``{"prompt": ..., "completion": ...}``    loss on the completion only;
+* ``{"messages": [{"role": ..., "content": ...}, ...]}``  a conversation in the base model's chat template
+  (data/chat.py), loss on the assistant turns, ids as transformers' ``apply_chat_template`` gives them;
 * ``{"input_ids": [...], "loss_mask": [...]}`` pre-tokenized, as RL frameworks hand it over
   (``loss_mask`` optional, all ones by default).
 
@@ -73,7 +75,7 @@ _NEAR_LOSS_WEIGHTS = ("loss_weight", "weights", "weight", "advantages", "advanta
 def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    keys = {k for k in ("text", "prompt", "completion", "input_ids", "loss_mask") if k in record}
+    keys = {k for k in ("text", "prompt", "completion", "messages", "input_ids", "loss_mask") if k in record}
     near = next((k for k in _NEAR_LOSS_WEIGHTS if k in record), None)
     if near is not None and "loss_weights" not in record:  # (other keys, e.g. an id, are the user's own)
         raise ValueError(f"unknown key '{near}': per-token loss weights (advantages) are 'loss_weights'")
@@ -84,6 +86,9 @@ def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mask = [int(t) for t in trained]
         if not ids or ids[-1] != tokenizer.eos_id:
             ids, mask = ids + [tokenizer.eos_id], mask + [1]
+    elif keys == {"messages"}:
+        ids, trained = tokenizer.encode_chat(_messages(record))
+        mask = [int(t) for t in trained]
     elif keys in ({"input_ids"}, {"input_ids", "loss_mask"}):
         ids = _int_list(record, "input_ids")
         bad = next((i for i in ids if not 0 <= i < tokenizer.vocab_size), None)
@@ -97,7 +102,7 @@ def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     else:
         raise ValueError(
             f"unknown sample format (keys {sorted(record)}); expected 'text', 'prompt' + 'completion', "
-            "or 'input_ids' with optional 'loss_mask'"
+            "'messages', or 'input_ids' with optional 'loss_mask'"
         )
     if len(ids) < 2:
         raise ValueError(f"sample has {len(ids)} token(s); at least 2 are needed to predict anything")
@@ -130,14 +135,27 @@ def _loss_weights(record: dict, length: int, per_token: bool) -> float | np.ndar
     return weights if isinstance(value, list) else weights[0]
 
 
-def _string(record: dict, key: str) -> str:
-    value = record[key]
+def _messages(record: dict) -> list[dict]:
+    """A conversation: a list of {"role": str, "content": str, ...} (other keys, e.g. tool calls, are the
+    template's)."""
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string 'role'")
+        _string(m, "content", f"messages[{i}].content")
+    return messages
+
+
+def _string(record: dict, key: str, name: str | None = None) -> str:
+    value, name = record.get(key), name or key
     if not isinstance(value, str):
-        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+        raise ValueError(f"'{name}' must be a string, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"'{key}' is not valid Unicode (a lone surrogate at character {e.start})") from None
+        raise ValueError(f"'{name}' is not valid Unicode (a lone surrogate at character {e.start})") from None
     return value
 
 

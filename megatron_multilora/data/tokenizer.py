@@ -1,5 +1,5 @@
 """Tokenizers behind one small interface: ``vocab_size``, ``eos_id``, ``pad_id``, ``encode``, ``encode_split``,
-``decode``.
+``encode_chat``, ``decode``.
 
 The byte-level tokenizer needs no download, so tests, CI and demos run anywhere; real runs point at the
 base model's Hugging Face ``tokenizer.json``.
@@ -29,6 +29,10 @@ class ByteTokenizer:
         """The ids of ``text`` and, for each, whether it holds text from character ``split`` on."""
         ids, first = self.encode(text), len(text[:split].encode("utf-8"))
         return ids, [i >= first for i in range(len(ids))]
+
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
+        raise ValueError("'messages' need the base model's chat template: the byte-level tokenizer has none (give "
+                         "--tokenizer, a tokenizer.json with its tokenizer_config.json)")
 
     def describe(self) -> str:
         return "byte-level"
@@ -61,6 +65,7 @@ class HFTokenizer:
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._special_id("eos", eos if eos is not None else self._configured_eos(), _EOS_CANDIDATES)
         self._prefix = self._template_prefix()
+        self._chat = None  # (its chat template, compiled when a conversation first needs it)
         if pad is None and not any(self._tokenizer.token_to_id(t) is not None for t in _PAD_CANDIDATES):
             self.pad_id = self.eos_id
         else:
@@ -93,16 +98,24 @@ class HFTokenizer:
                 return probe.ids[:text[0]]
         return []
 
-    def _configured_eos(self) -> str | None:
+    def _config_tokens(self) -> dict[str, str]:
+        """The special token strings of the tokenizer_config.json beside the file (``eos_token``, ``bos_token``,
+        ...), as a chat template reads them."""
         config = self.path.parent / "tokenizer_config.json"
         try:
-            token = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+            fields = json.loads(config.read_text()) if config.is_file() else {}
+            fields = {k: v for k, v in fields.items() if k.endswith("_token")}
         except (OSError, ValueError, AttributeError):
-            return None  # (not the model's config we know: the usual candidates)
-        token = token.get("content") if isinstance(token, dict) else token
-        if isinstance(token, str) and self._tokenizer.token_to_id(token) is None:
-            raise ValueError(f"{config}: eos_token {token!r} is not in the vocabulary of {self.path}")
-        return token if isinstance(token, str) else None
+            return {}  # (not the model's config we know)
+        tokens = {k: v.get("content") if isinstance(v, dict) else v for k, v in fields.items()}
+        return {k: v for k, v in tokens.items() if isinstance(v, str)}
+
+    def _configured_eos(self) -> str | None:
+        token = self._config_tokens().get("eos_token")
+        if token is not None and self._tokenizer.token_to_id(token) is None:
+            raise ValueError(f"{self.path.parent / 'tokenizer_config.json'}: eos_token {token!r} is not in the "
+                             f"vocabulary of {self.path}")
+        return token
 
     def encode(self, text: str) -> list[int]:
         """Plain encoding, no special tokens."""
@@ -113,15 +126,34 @@ class HFTokenizer:
         ``split`` on: ``text`` is encoded whole, so a prompt and its completion tokenize as they do together
         (apart, a word piece or space could split at the seam). The post-processor's bos comes first unless the
         text begins with it already (chat-template output); what it puts after the text (an eos) is left to the
-        caller, which ends a sample with a trained eos. (An added token that strips the whitespace after it, a
-        chat role marker, is the prompt's if its own text is.)"""
-        encoding = self._tokenizer.encode(text, add_special_tokens=False)
-        ids, trained = list(encoding.ids), []
-        for start, end in encoding.offsets:
-            own_end = start + len(text[start:end].rstrip()) if start < split else end
-            trained.append(end > split and own_end > split)
+        caller, which ends a sample with a trained eos."""
+        ids, trained = self._encode_spans(text, [(split, len(text))])
         prefix = [] if ids[:len(self._prefix)] == self._prefix else self._prefix
         return prefix + ids, [False] * len(prefix) + trained
+
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
+        """A conversation's ids as transformers' ``apply_chat_template(messages, tokenize=True)`` gives them (the
+        template puts any bos itself) and, for each, whether it holds assistant text (data/chat.py)."""
+        if self._chat is None:
+            from .chat import ChatTemplate, read_chat_template
+
+            source = read_chat_template(self.path.parent)
+            if source is None:
+                raise ValueError(f"'messages' need the base model's chat template: none beside {self.path} (a "
+                                 "chat_template.jinja, or chat_template in its tokenizer_config.json)")
+            self._chat = ChatTemplate(source, self._config_tokens())
+        return self._encode_spans(*self._chat.trained_spans(messages))
+
+    def _encode_spans(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        """The ids of ``text`` (no special tokens added) and, for each, whether it holds text of a [start, end)
+        span. (An added token that strips the whitespace after it, a chat role marker, holds the span's text only
+        if its own text does.)"""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        trained = []
+        for start, end in encoding.offsets:
+            own_end = start + len(text[start:end].rstrip())
+            trained.append(any(max(start, a) < min(end if start >= a else own_end, b) for a, b in spans))
+        return list(encoding.ids), trained
 
     def describe(self) -> str:
         bos = [self._tokenizer.id_to_token(i) for i in self._prefix]
