@@ -187,6 +187,24 @@ def test_messages_are_encoded_as_transformers_apply_chat_template_does(tmp_path,
     assert item["loss_mask"].tolist() == mask[1:].tolist() + [0] * 4
 
 
+def test_tools_and_null_keys_reach_the_template_as_transformers_passes_them(tmp_path):
+    """A sample's top-level "tools" go to the template (it was rendered without them: tool calls trained with no
+    schema in the prompt); keys set to null are dropped (OpenAI exports' "tool_calls": null)."""
+    from transformers import PreTrainedTokenizerFast
+
+    template = "{% if tools is not none %}Tools: {{ tools | tojson }}\n{% endif %}" + CHAT_TEMPLATE
+    tok = _chat_tokenizer(tmp_path, template)
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>",
+                                        eos_token="</s>")
+    reference.chat_template = template
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    for record, kwargs in (({"messages": CONVERSATION, "tools": tools}, {"tools": tools}),
+                           ({"messages": [dict(m, tool_calls=None) for m in CONVERSATION]}, {})):
+        ids, _, _ = load_jsonl(write_jsonl(tmp_path / "chat.jsonl", [record]), tok)[0]
+        assert ids.tolist() == reference.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                                             **kwargs)["input_ids"]
+
+
 @pytest.mark.parametrize("messages, template, message", [
     ([{"role": "user", "content": "Answer: 4"}], CHAT_TEMPLATE, "'messages' has no assistant message with content"),
     ("hi", CHAT_TEMPLATE, "'messages' must be a non-empty list"),

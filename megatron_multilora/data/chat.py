@@ -21,10 +21,10 @@ def read_chat_template(directory: Path) -> str | None:
     """The chat template saved beside a tokenizer.json, or None."""
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text()
+        return jinja_file.read_text(encoding="utf-8")
     config = directory / "tokenizer_config.json"
     try:
-        template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
     except (OSError, ValueError, AttributeError):
         return None
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
@@ -64,24 +64,30 @@ class ChatTemplate:
                                             extensions=[_GenerationTag, jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        self._template = env.from_string(source)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ValueError(f"the chat template does not compile: {e} (its line {e.lineno})") from None
         self._special_tokens = special_tokens
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools=None, documents=None) -> str:
+        """As transformers renders (its None tools / documents included: templates test them)."""
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self._special_tokens)
-        except jinja2.exceptions.TemplateError as e:
+                                         tools=tools, documents=documents, **self._special_tokens)
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, OverflowError, RecursionError) as e:
             raise ValueError(f"the chat template fails on these messages: {e}") from None
 
-    def trained_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def trained_spans(self, messages: list[dict], tools=None,
+                      documents=None) -> tuple[str, list[tuple[int, int]]]:
         """The conversation's text and the [start, end) character spans of its assistant turns."""
-        text, spans = self.render(messages), []
+        context = {"tools": tools, "documents": documents}
+        text, spans = self.render(messages, **context), []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            through = self.render(messages[:i + 1])
+            before = self.render(messages[:i], add_generation_prompt=True, **context)
+            through = self.render(messages[:i + 1], **context)
             if not (through.startswith(before) and text.startswith(through)):
                 raise ValueError(f"the chat template does not render the conversation up to message {i} as the "
                                  "beginning of the whole (it rewrites earlier turns): give this sample as prompt / "

@@ -87,7 +87,7 @@ def _tokenize(record, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not ids or ids[-1] != tokenizer.eos_id:
             ids, mask = ids + [tokenizer.eos_id], mask + [1]
     elif keys == {"messages"}:
-        ids, trained = tokenizer.encode_chat(_messages(record))
+        ids, trained = tokenizer.encode_chat(_messages(record), record.get("tools"), record.get("documents"))
         mask = [int(t) for t in trained]
     elif keys in ({"input_ids"}, {"input_ids", "loss_mask"}):
         ids = _int_list(record, "input_ids")
@@ -144,8 +144,10 @@ def _messages(record: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ValueError(f"messages[{i}] must be an object with a string 'role'")
-        _string(m, "content", f"messages[{i}].content")
-    return messages
+        if m.get("content") is not None or "tool_calls" not in m:  # (a tool call's content may be null)
+            _string(m, "content", f"messages[{i}].content")
+    # (keys set to null are dropped, as transformers drops them: e.g. OpenAI exports' "tool_calls": null)
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
 def _string(record: dict, key: str, name: str | None = None) -> str:

@@ -30,7 +30,7 @@ class ByteTokenizer:
         ids, first = self.encode(text), len(text[:split].encode("utf-8"))
         return ids, [i >= first for i in range(len(ids))]
 
-    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    def encode_chat(self, messages: list[dict], tools=None, documents=None) -> tuple[list[int], list[bool]]:
         raise ValueError("'messages' need the base model's chat template: the byte-level tokenizer has none (give "
                          "--tokenizer, a tokenizer.json with its tokenizer_config.json)")
 
@@ -131,9 +131,9 @@ class HFTokenizer:
         prefix = [] if ids[:len(self._prefix)] == self._prefix else self._prefix
         return prefix + ids, [False] * len(prefix) + trained
 
-    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
-        """A conversation's ids as transformers' ``apply_chat_template(messages, tokenize=True)`` gives them (the
-        template puts any bos itself) and, for each, whether it holds assistant text (data/chat.py)."""
+    def encode_chat(self, messages: list[dict], tools=None, documents=None) -> tuple[list[int], list[bool]]:
+        """A conversation's ids as transformers' ``apply_chat_template(messages, tools=..., tokenize=True)`` gives
+        them (the template puts any bos itself) and, for each, whether it holds assistant text (data/chat.py)."""
         if self._chat is None:
             from .chat import ChatTemplate, read_chat_template
 
@@ -142,7 +142,7 @@ class HFTokenizer:
                 raise ValueError(f"'messages' need the base model's chat template: none beside {self.path} (a "
                                  "chat_template.jinja, or chat_template in its tokenizer_config.json)")
             self._chat = ChatTemplate(source, self._config_tokens())
-        return self._encode_spans(*self._chat.trained_spans(messages))
+        return self._encode_spans(*self._chat.trained_spans(messages, tools, documents))
 
     def _encode_spans(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         """The ids of ``text`` (no special tokens added) and, for each, whether it holds text of a [start, end)
